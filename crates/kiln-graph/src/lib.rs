@@ -1,0 +1,10 @@
+//! Models on the host: load ONNX or kiln's NNEF, inspect them, run them with tract.
+
+pub mod inspect;
+pub mod load;
+pub mod nnef;
+pub mod run;
+
+pub use inspect::{inspect, Inspection};
+pub use load::{load, LoadOptions, Model, ModelFormat};
+pub use run::run_batch;

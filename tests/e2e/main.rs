@@ -1,0 +1,6 @@
+//! End-to-end tests: run the real `kiln` (and `kiln-runner`) binaries on the fixtures.
+
+mod support;
+
+mod inspect;
+mod run;

@@ -1,0 +1,101 @@
+//! `cargo xtask`: every chore of the kiln repo (ci, fixtures, cross builds, benchmarks).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+mod py;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci                 fmt --check, clippy -D warnings, the whole test suite (what .ci/run calls)
+  fixtures [--bench] regenerate the committed fixtures; --bench writes the 224x224
+                     benchmark models into fixtures/bench/ (Python venv made by xtask)
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = repo_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("fixtures") => fixtures(&root, args.iter().any(|a| a == "--bench")),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown task `{other}`\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, failing with its status.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn ci() -> Result<()> {
+    let t0 = std::time::Instant::now();
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    sh(cargo().args(["test", "--workspace"]))?;
+    eprintln!("xtask ci: all green in {:.0}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn fixtures(root: &Path, bench: bool) -> Result<()> {
+    let python = py::venv(root)?;
+    let script = root.join("fixtures/make_fixtures.py");
+    if bench {
+        sh(Command::new(&python)
+            .arg(&script)
+            .arg("--bench")
+            .arg(root.join("fixtures/bench")))
+    } else {
+        sh(Command::new(&python).arg(&script))
+    }
+}
