@@ -2,5 +2,6 @@
 
 mod support;
 
+mod compile;
 mod inspect;
 mod run;

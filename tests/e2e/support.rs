@@ -69,6 +69,14 @@ pub fn kiln(args: &[&dyn AsRefOsStr]) -> Run {
     finish(cmd.output().expect("cannot start kiln"))
 }
 
+/// Runs a prepared command.
+pub fn run_cmd(mut cmd: Command) -> Run {
+    finish(
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+    )
+}
+
 fn finish(out: Output) -> Run {
     Run {
         code: out.status.code().unwrap_or(-1),

@@ -5,15 +5,22 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod cross;
 mod py;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  ci                 fmt --check, clippy -D warnings, the whole test suite (what .ci/run calls)
+  demo               setup-cross, then `cargo run --release -p kiln -- demo` (the README's first command)
+  ci                 setup-cross, fmt --check, clippy -D warnings, the runners the tests use,
+                     the whole test suite (what .ci/run calls)
   fixtures [--bench] regenerate the committed fixtures; --bench writes the 224x224
                      benchmark models into fixtures/bench/ (Python venv made by xtask)
+  setup-cross        install what the targets need (rustup targets, cross gcc, qemu-user),
+                     idempotently
+  runner --target NAME [--target NAME ...] [--profile P]
+                     cross-build kiln-runner into target/runners/NAME/kiln-runner
 ";
 
 fn main() {
@@ -28,8 +35,14 @@ fn run() -> Result<()> {
     let root = repo_root();
     std::env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
-        Some("ci") => ci(),
+        Some("ci") => ci(&root),
+        Some("demo") => {
+            cross::setup(&root)?;
+            sh(cargo().args(["run", "--release", "--package", "kiln", "--", "demo"]))
+        }
         Some("fixtures") => fixtures(&root, args.iter().any(|a| a == "--bench")),
+        Some("setup-cross") => cross::setup(&root),
+        Some("runner") => cross::runners(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -71,9 +84,13 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn ci() -> Result<()> {
+/// Targets whose runners the end-to-end tests run (natively or under qemu-user).
+const TEST_TARGETS: &[&str] = &["x86_64-linux", "aarch64-linux", "armv7-linux"];
+
+fn ci(root: &Path) -> Result<()> {
     let t0 = std::time::Instant::now();
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    cross::setup(root)?;
     sh(cargo().args([
         "clippy",
         "--workspace",
@@ -82,6 +99,11 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    let mut args: Vec<String> = vec![];
+    for t in TEST_TARGETS {
+        args.extend(["--target".to_string(), t.to_string()]);
+    }
+    cross::runners(root, &args)?;
     sh(cargo().args(["test", "--workspace"]))?;
     eprintln!("xtask ci: all green in {:.0}s", t0.elapsed().as_secs_f64());
     Ok(())

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use kiln_graph::inspect::human_bytes;
 
 use crate::commands::{load_model, read_batch, run_and_compare};
+use crate::compile::{compile, CompileArgs};
 
 /// The committed fixtures the demo walks through, with the max-abs error each must meet
 /// against onnxruntime's reference outputs (see fixtures/README.md).
@@ -95,6 +96,73 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         eprintln!("error: some fixture outputs differ from onnxruntime's beyond tolerance");
         return Ok(ExitCode::FAILURE);
     }
+    ok &= compile_and_run(&dir)?;
+    if !ok {
+        eprintln!("error: a compiled runner disagrees with host inference");
+        return Ok(ExitCode::FAILURE);
+    }
     println!("demo ok");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Step 2: compile the mobilenet fixture for the host and for aarch64 (single-file
+/// executables), run both (aarch64 under qemu-user) and compare with host inference.
+fn compile_and_run(dir: &Path) -> Result<bool> {
+    println!("2. compile mobilenet for x86_64-linux and aarch64-linux (--embed: one file), run each runner");
+    let out_root = std::env::temp_dir().join(format!("kiln-demo-{}", std::process::id()));
+    let model = dir.join("mobilenet/model.onnx");
+    let data = dir.join("mobilenet/data.npz");
+    let mut ok = true;
+    for target in ["x86_64-linux", "aarch64-linux"] {
+        let out = out_root.join(target);
+        let r = compile(&CompileArgs {
+            model: model.clone(),
+            target: target.into(),
+            out: out.clone(),
+            embed: true,
+            runner: None,
+            input_shapes: vec![],
+            json: false,
+        })?;
+        let exe = PathBuf::from(r.embedded_file.as_deref().unwrap_or_default());
+        let spec = kiln_target::find(&kiln_target::targets_dir()?, target)?;
+        let result = out.join("out.npz");
+        let t0 = Instant::now();
+        let status = kiln_target::emulate::command(&spec, &exe)?
+            .arg("run")
+            .arg("--inputs")
+            .arg(&data)
+            .arg("--output")
+            .arg(&result)
+            .status()?;
+        let elapsed = t0.elapsed();
+        if !status.success() {
+            bail!("the {target} runner failed ({status})");
+        }
+        let got = kiln_io::read_tensors(&result)?;
+        let want = kiln_io::read_tensors(&dir.join("mobilenet/data_ref.npz"))?;
+        let c = kiln_io::compare::compare(&got[0].1, &want[0].1, 2)?;
+        let pass = c.max_abs <= 1e-4;
+        ok &= pass;
+        println!(
+            "   {:<14} runner {:>9} + model {:>9} = {:>9} single file ({}, {}); {} samples in {:.0} ms{}, max-abs {:.2e} {}",
+            target,
+            human_bytes(r.runner_bytes),
+            human_bytes(r.model_bytes),
+            human_bytes(r.embedded_bytes.unwrap_or(0)),
+            r.runner_elf.machine,
+            if r.runner_elf.static_link { "static" } else { "dynamic" },
+            got[0].1.shape()[0],
+            elapsed.as_secs_f64() * 1e3,
+            match kiln_target::emulate::execution(&spec) {
+                kiln_target::emulate::Execution::Native => "",
+                kiln_target::emulate::Execution::Emulated => " (qemu-user: not a timing)",
+            },
+            c.max_abs,
+            if pass { "ok" } else { "MISMATCH" }
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_root);
+    println!();
+    Ok(ok)
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod compile;
 mod demo;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
@@ -52,6 +53,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compile a model for a target: the model in runner form (NNEF) plus the runner.
+    Compile {
+        /// ONNX file, or kiln's NNEF output.
+        model: PathBuf,
+        /// Target name (see `kiln targets`), e.g. aarch64-linux.
+        #[arg(long)]
+        target: String,
+        /// Output folder.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Produce one executable with the model inside (runner + model + checked trailer).
+        #[arg(long)]
+        embed: bool,
+        /// Use this runner binary instead of the built one for the target.
+        #[arg(long)]
+        runner: Option<PathBuf>,
+        /// Fix an input's shape (symbolic dims), e.g. input=1x3x224x224. Repeatable.
+        #[arg(long = "input-shape", value_name = "NAME=DIMS")]
+        input_shapes: Vec<String>,
+        /// Print the JSON report (schema kiln.compile/1; also written as OUT/compile.json).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the targets (targets/*.toml) and what is installed for each.
+    Targets {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -85,6 +115,24 @@ fn main() -> ExitCode {
             input_shapes,
             json,
         }),
+        Command::Compile {
+            model,
+            target,
+            out,
+            embed,
+            runner,
+            input_shapes,
+            json,
+        } => compile::compile_cmd(compile::CompileArgs {
+            model,
+            target,
+            out,
+            embed,
+            runner,
+            input_shapes,
+            json,
+        }),
+        Command::Targets { json } => compile::targets(json),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {

@@ -1,0 +1,118 @@
+//! Building `kiln-runner` for a target from the kiln source tree, and finding built runners.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::spec::TargetSpec;
+use crate::{elf, toolchain};
+
+/// The cargo profile of shipped runners (size-optimized, fat LTO, panic=abort, stripped).
+pub const RUNNER_PROFILE: &str = "runner";
+
+/// Where the runner for `spec` lives once built: `<root>/target/runners/<name>/kiln-runner`.
+pub fn runner_path(root: &Path, spec: &TargetSpec) -> PathBuf {
+    root.join("target/runners")
+        .join(&spec.name)
+        .join("kiln-runner")
+}
+
+/// Finds an already-built runner for `spec`: `$KILN_RUNNER_DIR/<name>/kiln-runner`, then
+/// `runners/<name>/kiln-runner` beside the directory holding the running kiln (the layout
+/// of `target/` in a checkout and of a kiln distribution), then the source tree's.
+pub fn find_runner(spec: &TargetSpec) -> Option<PathBuf> {
+    let mut candidates = vec![];
+    if let Some(d) = std::env::var_os("KILN_RUNNER_DIR") {
+        candidates.push(PathBuf::from(d).join(&spec.name).join("kiln-runner"));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        for up in [dir.parent(), dir.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+        {
+            candidates.push(up.join("runners").join(&spec.name).join("kiln-runner"));
+        }
+    }
+    if let Some(root) = crate::source_root() {
+        candidates.push(runner_path(&root, spec));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Cross-builds the runner for `spec` from the source tree at `root` with `profile`, checks
+/// the ELF against the spec, and returns the path of the installed runner.
+pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<PathBuf> {
+    let status = toolchain::status(spec);
+    if !status.can_build() {
+        bail!(
+            "cannot build the runner for `{}` ({}): missing toolchain. Install it with:\n  {}\n(or run `cargo xtask setup-cross`)",
+            spec.name,
+            spec.triple,
+            status.install.join("\n  ")
+        );
+    }
+    let target_dir = root.join("target/runners").join(&spec.name).join("build");
+    let triple_env = spec.triple.to_uppercase().replace('-', "_");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root)
+        .args([
+            "build",
+            "--package",
+            "kiln-runner",
+            "--profile",
+            profile,
+            "--target",
+            &spec.triple,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env(
+            format!("CARGO_TARGET_{triple_env}_RUSTFLAGS"),
+            spec.rustflags(),
+        )
+        .env(
+            format!(
+                "CARGO_PROFILE_{}_OPT_LEVEL",
+                profile.to_uppercase().replace('-', "_")
+            ),
+            &spec.opt_level,
+        )
+        .env("KILN_TARGET", &spec.name);
+    if !spec.linker.is_empty() {
+        cmd.env(format!("CARGO_TARGET_{triple_env}_LINKER"), &spec.linker);
+    }
+    if !spec.cc.is_empty() {
+        cmd.env(format!("CC_{}", spec.triple.replace('-', "_")), &spec.cc);
+    }
+    eprintln!(
+        "building kiln-runner for {} ({}, profile {profile}, opt-level {})",
+        spec.name, spec.triple, spec.opt_level
+    );
+    let st = cmd.status().context("cannot start cargo")?;
+    if !st.success() {
+        bail!(
+            "building kiln-runner for `{}` failed ({st}); see cargo's output above",
+            spec.name
+        );
+    }
+    let built = target_dir
+        .join(&spec.triple)
+        .join(profile)
+        .join("kiln-runner");
+    let bytes = std::fs::read(&built)
+        .with_context(|| format!("cargo did not produce {}", built.display()))?;
+    let report = elf::inspect(&bytes).with_context(|| format!("{}", built.display()))?;
+    elf::check(&report, spec).with_context(|| format!("{}", built.display()))?;
+    let dest = runner_path(root, spec);
+    std::fs::create_dir_all(dest.parent().unwrap())?;
+    let tmp = dest.with_extension("tmp");
+    std::fs::copy(&built, &tmp)?;
+    std::fs::rename(&tmp, &dest)?;
+    Ok(dest)
+}
