@@ -277,7 +277,7 @@ fn bad_targets() {
             .arg(dir.path().join("out"));
         run_cmd(cmd)
     };
-    with_specs("x86_64-linux").fails_with(&["x86_64-linux.toml", "elf.class"]);
+    with_specs("x86_64-linux").fails_with(&["x86_64-linux.toml", "class = \"sixty-four\""]);
     with_specs("ghost-linux").fails_with(&[
         "missing toolchain",
         "rustup target add riscv64gc-unknown-linux-musl",

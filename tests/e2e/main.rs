@@ -2,6 +2,7 @@
 
 mod support;
 
+mod artifact;
 mod compile;
 mod inspect;
 mod run;

@@ -5,7 +5,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
 mod cross;
+mod fuzz;
 mod py;
 
 const USAGE: &str = "\
@@ -21,6 +23,8 @@ tasks:
                      idempotently
   runner --target NAME [--target NAME ...] [--profile P]
                      cross-build kiln-runner into target/runners/NAME/kiln-runner
+  bench size         runner size per target, by section and by crate
+  fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 
 fn main() {
@@ -42,6 +46,8 @@ fn run() -> Result<()> {
         }
         Some("fixtures") => fixtures(&root, args.iter().any(|a| a == "--bench")),
         Some("setup-cross") => cross::setup(&root),
+        Some("bench") => bench::bench(&root, &args[1..]),
+        Some("fuzz") => fuzz::fuzz(&root, &args[1..]),
         Some("runner") => cross::runners(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -105,6 +111,7 @@ fn ci(root: &Path) -> Result<()> {
     }
     cross::runners(root, &args)?;
     sh(cargo().args(["test", "--workspace"]))?;
+    fuzz::fuzz(root, &["--seconds".into(), "20".into()])?;
     eprintln!("xtask ci: all green in {:.0}s", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -96,9 +96,16 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         eprintln!("error: some fixture outputs differ from onnxruntime's beyond tolerance");
         return Ok(ExitCode::FAILURE);
     }
-    ok &= compile_and_run(&dir)?;
+    let work = std::env::temp_dir().join(format!("kiln-demo-{}", std::process::id()));
+    ok &= compile_and_run(&dir, &work)?;
     if !ok {
         eprintln!("error: a compiled runner disagrees with host inference");
+        return Ok(ExitCode::FAILURE);
+    }
+    let signed = sign_and_flash(&work);
+    let _ = std::fs::remove_dir_all(&work);
+    if !signed? {
+        eprintln!("error: the artifact step did not behave as expected");
         return Ok(ExitCode::FAILURE);
     }
     println!("demo ok");
@@ -107,9 +114,8 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
 
 /// Step 2: compile the mobilenet fixture for the host and for aarch64 (single-file
 /// executables), run both (aarch64 under qemu-user) and compare with host inference.
-fn compile_and_run(dir: &Path) -> Result<bool> {
+fn compile_and_run(dir: &Path, out_root: &Path) -> Result<bool> {
     println!("2. compile mobilenet for x86_64-linux and aarch64-linux (--embed: one file), run each runner");
-    let out_root = std::env::temp_dir().join(format!("kiln-demo-{}", std::process::id()));
     let model = dir.join("mobilenet/model.onnx");
     let data = dir.join("mobilenet/data.npz");
     let mut ok = true;
@@ -162,7 +168,57 @@ fn compile_and_run(dir: &Path) -> Result<bool> {
             if pass { "ok" } else { "MISMATCH" }
         );
     }
-    let _ = std::fs::remove_dir_all(&out_root);
+    println!();
+    Ok(ok)
+}
+
+/// Step 3: sign two versions, flash them to `local` and `qemu-aarch64`, show that a
+/// tampered copy is refused and that rollback works.
+fn sign_and_flash(work: &Path) -> Result<bool> {
+    use crate::artifact::{flash_cmd, keygen, package_cmd, PackageArgs};
+    println!("3. sign artifacts, flash to local and qemu-aarch64 (A/B slots), refuse a tampered copy, roll back");
+    let key = work.join("demo-key.pem");
+    keygen(&key, true)?;
+    let keys = work.join("trusted-keys");
+    std::fs::create_dir_all(&keys)?;
+    std::fs::copy(work.join("demo-key.pem.pub"), keys.join("demo.pub"))?;
+    let mut ok = true;
+    for (target, device) in [("x86_64-linux", "local"), ("aarch64-linux", "qemu-aarch64")] {
+        let root = work.join(format!("device-{device}"));
+        for version in [1, 2] {
+            let art = work.join(format!("mobilenet-{target}-v{version}.kiln"));
+            package_cmd(PackageArgs {
+                dir: work.join(target),
+                key: key.clone(),
+                version,
+                out: art.clone(),
+                golden_inputs: None,
+                with_runner: false,
+                accuracy: None,
+            })?;
+            ok &= flash_cmd(&art, device, &keys, &root, false)? == ExitCode::SUCCESS;
+        }
+        let good = std::fs::read(work.join(format!("mobilenet-{target}-v2.kiln")))?;
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x40;
+        let tampered = work.join(format!("mobilenet-{target}-v3-tampered.kiln"));
+        std::fs::write(&tampered, &bad)?;
+        println!("   flashing a copy with one flipped byte to {device}: expect a refusal");
+        ok &= flash_cmd(&tampered, device, &keys, &root, false)? != ExitCode::SUCCESS;
+        let spec = kiln_target::find(&kiln_target::targets_dir()?, target)?;
+        let runner = crate::compile::runner_for(&spec, None)?;
+        let out = kiln_target::emulate::command(&spec, &runner)?
+            .arg("rollback")
+            .arg("--root")
+            .arg(&root)
+            .output()?;
+        println!(
+            "   {device}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        ok &= out.status.success();
+    }
     println!();
     Ok(ok)
 }

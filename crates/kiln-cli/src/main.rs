@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod artifact;
 mod commands;
 mod compile;
 mod demo;
@@ -82,6 +83,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate an Ed25519 signing key pair: KEY (PKCS#8 PEM, mode 600) and KEY.pub.
+    Keygen {
+        /// Private key path; the public key goes to PATH.pub.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Overwrite existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a `kiln compile` output folder into one .kiln artifact.
+    Package {
+        /// Output folder of `kiln compile`.
+        dir: PathBuf,
+        /// Private signing key (from `kiln keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Artifact version; devices refuse versions not newer than the installed one.
+        #[arg(long)]
+        version: u64,
+        /// Artifact path (.kiln).
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Inputs for the on-device self-test (default: deterministic synthetic inputs).
+        #[arg(long)]
+        golden_inputs: Option<PathBuf>,
+        /// Ship the runner inside the artifact too.
+        #[arg(long)]
+        with_runner: bool,
+        /// Expected top-1 accuracy to record in the manifest.
+        #[arg(long)]
+        accuracy: Option<f64>,
+    },
+    /// Verify an artifact's signature, hashes and structure on the host.
+    Verify {
+        /// The .kiln artifact.
+        artifact: PathBuf,
+        /// Public key to verify against (KEY.pub from `kiln keygen`).
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install an artifact on a device (local, qemu-aarch64, qemu-armv7) with A/B rollback.
+    Flash {
+        /// The .kiln artifact.
+        artifact: PathBuf,
+        /// Device: local, qemu-aarch64, qemu-armv7.
+        #[arg(long)]
+        device: String,
+        /// Trusted public keys on the device (a folder of .pub files).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Install root on the device.
+        #[arg(long, default_value = "/var/lib/kiln")]
+        root: PathBuf,
+        /// Accept a version not newer than the installed one.
+        #[arg(long)]
+        allow_downgrade: bool,
+    },
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -133,6 +194,36 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Targets { json } => compile::targets(json),
+        Command::Keygen { out, force } => artifact::keygen(&out, force),
+        Command::Package {
+            dir,
+            key,
+            version,
+            out,
+            golden_inputs,
+            with_runner,
+            accuracy,
+        } => artifact::package_cmd(artifact::PackageArgs {
+            dir,
+            key,
+            version,
+            out,
+            golden_inputs,
+            with_runner,
+            accuracy,
+        }),
+        Command::Verify {
+            artifact: a,
+            pubkey,
+            json,
+        } => artifact::verify_cmd(&a, &pubkey, json),
+        Command::Flash {
+            artifact: a,
+            device,
+            keys,
+            root,
+            allow_downgrade,
+        } => artifact::flash_cmd(&a, &device, &keys, &root, allow_downgrade),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {

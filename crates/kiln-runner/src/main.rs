@@ -12,11 +12,15 @@ use tract_nnef::prelude::*;
 
 const USAGE: &str = "\
 usage:
-  kiln-runner run  [--model M] --inputs IN.npz --output OUT.npz
-  kiln-runner info [--model M]
+  kiln-runner run      [--model M] [--root DIR] --inputs IN.npz --output OUT.npz
+  kiln-runner info     [--model M] [--root DIR]
+  kiln-runner install  APP.kiln --keys DIR [--root DIR] [--allow-downgrade] [--max-size BYTES]
+  kiln-runner status   [--root DIR]
+  kiln-runner rollback [--root DIR]
   kiln-runner version
 
---model defaults to the model embedded in this executable (kiln compile --embed).
+--model defaults to the model embedded in this executable (kiln compile --embed), else
+the active installed model under --root (default $KILN_ROOT, else /var/lib/kiln).
 ";
 
 /// The kiln target this runner was built for (set by `cargo xtask runner`).
@@ -96,16 +100,47 @@ impl Opts {
 fn dispatch(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("run") => {
-            let o = Opts::parse(&args[1..], &["--model", "--inputs", "--output"])?;
+            let o = Opts::parse(&args[1..], &["--model", "--root", "--inputs", "--output"])?;
+            let model = load(o.get("--model").map(Path::new), &root(&o))?;
             run(
-                o.get("--model").map(Path::new),
+                model,
                 Path::new(o.require("--inputs")?),
                 Path::new(o.require("--output")?),
             )
         }
         Some("info") => {
-            let o = Opts::parse(&args[1..], &["--model"])?;
-            info(o.get("--model").map(Path::new))
+            let o = Opts::parse(&args[1..], &["--model", "--root"])?;
+            info(load(o.get("--model").map(Path::new), &root(&o))?)
+        }
+        Some("install") => {
+            let Some(artifact) = args.get(1).filter(|a| !a.starts_with("--")) else {
+                return Err(usage(
+                    "install needs the artifact path: kiln-runner install APP.kiln --keys DIR",
+                ));
+            };
+            let (flags, allow_downgrade) = take_switch(&args[2..], "--allow-downgrade");
+            let o = Opts::parse(&flags, &["--keys", "--root", "--max-size"])?;
+            install(
+                Path::new(artifact),
+                Path::new(o.require("--keys")?),
+                &root(&o),
+                allow_downgrade,
+                o.get("--max-size"),
+            )
+        }
+        Some("status") => {
+            let o = Opts::parse(&args[1..], &["--root"])?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&kiln_artifact::install::status(&root(&o))?)?
+            );
+            Ok(())
+        }
+        Some("rollback") => {
+            let o = Opts::parse(&args[1..], &["--root"])?;
+            let m = kiln_artifact::install::rollback(&root(&o))?;
+            println!("rolled back to {} version {}", m.name, m.version);
+            Ok(())
         }
         Some("version" | "--version" | "-V") => {
             println!(
@@ -124,29 +159,128 @@ fn dispatch(args: &[String]) -> Result<()> {
     }
 }
 
-/// Loads the model: `--model PATH`, else the payload embedded in this executable.
-fn load(model: Option<&Path>) -> Result<(TypedModel, String)> {
+/// The install root: `--root`, else `$KILN_ROOT`, else `/var/lib/kiln`.
+fn root(o: &Opts) -> PathBuf {
+    o.get("--root")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("KILN_ROOT").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+/// Splits a boolean `switch` out of `args`.
+fn take_switch(args: &[String], switch: &str) -> (Vec<String>, bool) {
+    let rest: Vec<String> = args.iter().filter(|a| *a != switch).cloned().collect();
+    let found = rest.len() != args.len();
+    (rest, found)
+}
+
+/// A loaded model and where it came from (for messages).
+struct Loaded {
+    model: TypedModel,
+    name: String,
+}
+
+/// Loads the model: `--model PATH`, else the payload embedded in this executable, else the
+/// active installed model under `root`.
+fn load(model: Option<&Path>, root: &Path) -> Result<Loaded> {
     let nnef = kiln_io::nnef::framework();
-    match model {
-        Some(p) => {
-            let m = nnef
-                .model_for_path(p)
-                .map_err(|e| load_error(&p.display().to_string(), e))?;
-            Ok((m, p.display().to_string()))
-        }
-        None => {
-            let exe: PathBuf = std::env::current_exe().context("cannot locate this executable")?;
-            let Some(payload) = kiln_io::embed::read_payload(&exe)? else {
-                return Err(usage(
-                    "no --model given and this runner has no embedded model",
-                ));
-            };
-            let m = nnef
-                .model_for_read(&mut std::io::Cursor::new(payload))
-                .map_err(|e| load_error("the embedded model", e))?;
-            Ok((m, "embedded model".into()))
-        }
+    if let Some(p) = model {
+        let m = nnef
+            .model_for_path(p)
+            .map_err(|e| load_error(&p.display().to_string(), e))?;
+        return Ok(Loaded {
+            model: m,
+            name: p.display().to_string(),
+        });
     }
+    let exe: PathBuf = std::env::current_exe().context("cannot locate this executable")?;
+    if let Some(payload) = kiln_io::embed::read_payload(&exe)? {
+        let m = nnef
+            .model_for_read(&mut std::io::Cursor::new(payload))
+            .map_err(|e| load_error("the embedded model", e))?;
+        return Ok(Loaded {
+            model: m,
+            name: "embedded model".into(),
+        });
+    }
+    if kiln_artifact::install::active_slot(root)?.is_none() {
+        return Err(usage(format!(
+            "no --model given, this runner has no embedded model, and nothing is installed under {}",
+            root.display()
+        )));
+    }
+    let (dir, manifest) = kiln_artifact::install::active(root)?;
+    let path = dir.join(kiln_artifact::manifest::MODEL_FILE);
+    let m = nnef
+        .model_for_path(&path)
+        .map_err(|e| load_error(&path.display().to_string(), e))?;
+    Ok(Loaded {
+        model: m,
+        name: format!("{} v{} (installed)", manifest.name, manifest.version),
+    })
+}
+
+/// Installs an artifact into the A/B slots under `root`, self-testing it first.
+fn install(
+    artifact: &Path,
+    keys: &Path,
+    root: &Path,
+    allow_downgrade: bool,
+    max_size: Option<&str>,
+) -> Result<()> {
+    let keys = kiln_artifact::keys::read_trusted_keys(keys)?;
+    let mut limits = kiln_artifact::Limits::default();
+    if let Some(m) = max_size {
+        limits.max_bytes = m
+            .parse()
+            .map_err(|_| usage(format!("--max-size `{m}` is not a number of bytes")))?;
+    }
+    let opts = kiln_artifact::install::InstallOptions {
+        allow_downgrade,
+        limits,
+        target: (TARGET != "host").then(|| TARGET.to_string()),
+    };
+    let report = kiln_artifact::install::install(artifact, &keys, root, &opts, &self_test)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if report.outcome != "installed" {
+        bail!(
+            "{} not installed ({}): {}",
+            artifact.display(),
+            report.outcome,
+            report.detail
+        );
+    }
+    Ok(())
+}
+
+/// Runs the golden inputs of a freshly written slot and compares with the golden outputs.
+fn self_test(dir: &Path, manifest: &kiln_artifact::Manifest) -> Result<String> {
+    use kiln_artifact::manifest::{GOLDEN_INPUTS, GOLDEN_OUTPUTS, MODEL_FILE};
+    let model = kiln_io::nnef::framework()
+        .model_for_path(dir.join(MODEL_FILE))
+        .map_err(|e| load_error("the artifact's model", e))?;
+    let inputs = kiln_io::read_tensors(&dir.join(GOLDEN_INPUTS))?;
+    let batch = Batch::bind(&exec::input_specs(&model)?, inputs, GOLDEN_INPUTS)?;
+    let plan = exec::prepare(&model, &batch.symbols)?;
+    let got = exec::run_batch(&plan, &batch, &exec::output_names(&model)?)?;
+    let want = kiln_io::read_tensors(&dir.join(GOLDEN_OUTPUTS))?;
+    let mut worst = 0f64;
+    for (name, t) in &got {
+        let (_, w) = want
+            .iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("golden outputs lack `{name}`"))?;
+        let c = kiln_io::compare::compare(t, w, t.rank())?;
+        if c.max_abs > manifest.golden_max_abs || c.non_finite > 0 {
+            bail!("self-test failed: output `{name}` differs from the golden output by {:.3e} (tolerance {:.1e})", c.max_abs, manifest.golden_max_abs);
+        }
+        worst = worst.max(c.max_abs);
+    }
+    Ok(format!(
+        "self-test ok: {} output(s), max-abs {worst:.2e} (tolerance {:.1e})",
+        got.len(),
+        manifest.golden_max_abs
+    ))
 }
 
 fn load_error(what: &str, e: anyhow::Error) -> anyhow::Error {
@@ -163,8 +297,8 @@ fn load_error(what: &str, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-fn run(model: Option<&Path>, inputs: &Path, output: &Path) -> Result<()> {
-    let (model, name) = load(model)?;
+fn run(loaded: Loaded, inputs: &Path, output: &Path) -> Result<()> {
+    let Loaded { model, name } = loaded;
     let arrays = kiln_io::read_tensors(inputs)?;
     let batch = Batch::bind(
         &exec::input_specs(&model)?,
@@ -181,8 +315,8 @@ fn run(model: Option<&Path>, inputs: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn info(model: Option<&Path>) -> Result<()> {
-    let (model, name) = load(model)?;
+fn info(loaded: Loaded) -> Result<()> {
+    let Loaded { model, name } = loaded;
     println!("model   {name}");
     println!(
         "runner  kiln-runner {} (tract {}, target {TARGET})",

@@ -46,6 +46,18 @@ pub fn find_runner(spec: &TargetSpec) -> Option<PathBuf> {
 /// Cross-builds the runner for `spec` from the source tree at `root` with `profile`, checks
 /// the ELF against the spec, and returns the path of the installed runner.
 pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<PathBuf> {
+    build_runner_with(root, spec, profile, &[], "")
+}
+
+/// [`build_runner`] with profile settings overridden (`("STRIP", "false")`) into a build
+/// variant of its own (`variant` names its directory; empty for the shipped runner).
+pub fn build_runner_with(
+    root: &Path,
+    spec: &TargetSpec,
+    profile: &str,
+    overrides: &[(&str, &str)],
+    variant: &str,
+) -> Result<PathBuf> {
     let status = toolchain::status(spec);
     if !status.can_build() {
         bail!(
@@ -55,7 +67,13 @@ pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<Pat
             status.install.join("\n  ")
         );
     }
-    let target_dir = root.join("target/runners").join(&spec.name).join("build");
+    let build_dir = if variant.is_empty() {
+        "build".to_string()
+    } else {
+        format!("build-{variant}")
+    };
+    let target_dir = root.join("target/runners").join(&spec.name).join(build_dir);
+    let profile_env = profile.to_uppercase().replace('-', "_");
     let triple_env = spec.triple.to_uppercase().replace('-', "_");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root)
@@ -68,6 +86,11 @@ pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<Pat
             "--target",
             &spec.triple,
         ])
+        .args(if spec.runner_features.is_empty() {
+            vec![]
+        } else {
+            vec!["--features".to_string(), spec.runner_features.join(",")]
+        })
         .arg("--target-dir")
         .arg(&target_dir)
         .env_remove("RUSTFLAGS")
@@ -77,13 +100,13 @@ pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<Pat
             spec.rustflags(),
         )
         .env(
-            format!(
-                "CARGO_PROFILE_{}_OPT_LEVEL",
-                profile.to_uppercase().replace('-', "_")
-            ),
+            format!("CARGO_PROFILE_{profile_env}_OPT_LEVEL"),
             &spec.opt_level,
         )
         .env("KILN_TARGET", &spec.name);
+    for (key, value) in overrides {
+        cmd.env(format!("CARGO_PROFILE_{profile_env}_{key}"), value);
+    }
     if !spec.linker.is_empty() {
         cmd.env(format!("CARGO_TARGET_{triple_env}_LINKER"), &spec.linker);
     }
@@ -109,6 +132,9 @@ pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<Pat
         .with_context(|| format!("cargo did not produce {}", built.display()))?;
     let report = elf::inspect(&bytes).with_context(|| format!("{}", built.display()))?;
     elf::check(&report, spec).with_context(|| format!("{}", built.display()))?;
+    if !variant.is_empty() {
+        return Ok(built);
+    }
     let dest = runner_path(root, spec);
     std::fs::create_dir_all(dest.parent().unwrap())?;
     let tmp = dest.with_extension("tmp");

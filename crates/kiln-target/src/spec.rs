@@ -22,6 +22,12 @@ pub struct TargetSpec {
     /// `-C target-feature` entries (`+neon`, `+avx2`...).
     #[serde(default)]
     pub features: Vec<String>,
+    /// Extra `RUSTFLAGS` for the runner build (`-Crelocation-model=static`...).
+    #[serde(default)]
+    pub rustflags: Vec<String>,
+    /// Cargo features of kiln-runner for this target (`no-fp16`).
+    #[serde(default)]
+    pub runner_features: Vec<String>,
     /// Linker: `rust-lld`, a cross gcc driver, or empty for rustc's default.
     #[serde(default)]
     pub linker: String,
@@ -167,6 +173,7 @@ impl TargetSpec {
         if !features.is_empty() {
             flags.push(format!("-Ctarget-feature={}", features.join(",")));
         }
+        flags.extend(self.rustflags.iter().cloned());
         flags.join(" ")
     }
 }
@@ -273,7 +280,7 @@ endian = "little"
         check(
             "t",
             &GOOD.replace("class = 64", "class = \"big\""),
-            Err("elf.class"),
+            Err("class = \"big\""),
         );
         check(
             "t",

@@ -1,0 +1,354 @@
+//! `kiln keygen`, `kiln package`, `kiln verify`: signed artifacts on the host.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use kiln_artifact::manifest::{GOLDEN_INPUTS, GOLDEN_OUTPUTS, MODEL_FILE, RUNNER_FILE};
+use kiln_artifact::write::{package, PackageInput, ZSTD_LEVEL};
+use kiln_artifact::{keys, Limits, Manifest};
+use kiln_graph::inspect::human_bytes;
+use kiln_io::tract_core::prelude::*;
+use kiln_io::{Batch, InputSpec, NamedTensors};
+
+/// `kiln keygen -o KEY`: KEY (PKCS#8 PEM, mode 0600) and KEY.pub (SPKI PEM).
+pub fn keygen(out: &Path, force: bool) -> Result<ExitCode> {
+    let public = pub_path(out);
+    if !force && (out.exists() || public.exists()) {
+        bail!(
+            "{} or {} exists; refusing to overwrite a key (use --force)",
+            out.display(),
+            public.display()
+        );
+    }
+    let key = keys::generate()?;
+    let private = keys::private_pem(&key)?;
+    kiln_io::fsutil::write_atomic_with(out, |f| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        f.write_all(private.as_bytes())?;
+        Ok(())
+    })?;
+    kiln_io::fsutil::write_atomic(&public, keys::public_pem(&key.verifying_key())?.as_bytes())?;
+    println!(
+        "wrote {} (private, mode 600) and {} (public)",
+        out.display(),
+        public.display()
+    );
+    println!("key id {}", keys::key_id(&key.verifying_key()));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pub_path(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".pub");
+    PathBuf::from(s)
+}
+
+/// Arguments of `kiln package`.
+pub struct PackageArgs {
+    pub dir: PathBuf,
+    pub key: PathBuf,
+    pub version: u64,
+    pub out: PathBuf,
+    pub golden_inputs: Option<PathBuf>,
+    pub with_runner: bool,
+    pub accuracy: Option<f64>,
+}
+
+/// `kiln package DIR`: the `kiln compile` output signed into one artifact.
+pub fn package_cmd(a: PackageArgs) -> Result<ExitCode> {
+    let key = keys::read_private_key(&a.key)?;
+    let compile_json = a.dir.join("compile.json");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&compile_json).with_context(|| {
+            format!(
+                "{} is not a `kiln compile` output folder (no compile.json)",
+                a.dir.display()
+            )
+        })?)
+        .with_context(|| format!("{} is not valid JSON", compile_json.display()))?;
+    let field = |k: &str| {
+        report[k]
+            .as_str()
+            .map(String::from)
+            .with_context(|| format!("{}: missing `{k}`", compile_json.display()))
+    };
+    let target = field("target")?;
+    let model_path = a.dir.join(
+        Path::new(&field("model_file")?)
+            .file_name()
+            .context("bad model_file")?,
+    );
+    let model_bytes = std::fs::read(&model_path)
+        .with_context(|| format!("cannot read {}", model_path.display()))?;
+    let model = kiln_graph::load(&model_path, &Default::default())?;
+    let specs = model.input_specs()?;
+    let inputs = match &a.golden_inputs {
+        Some(p) => kiln_io::read_tensors(p)?,
+        None => synthetic_inputs(&specs)?,
+    };
+    let batch = Batch::bind(&specs, inputs.clone(), "golden inputs")?;
+    let outputs = kiln_graph::run_batch(&model, &batch)?;
+    let peak = outputs
+        .iter()
+        .map(|(_, t)| max_abs(t))
+        .fold(1.0f64, f64::max);
+    let mut files = BTreeMap::new();
+    files.insert(MODEL_FILE.to_string(), model_bytes.clone());
+    files.insert(GOLDEN_INPUTS.to_string(), kiln_io::npz::npz_bytes(&inputs)?);
+    files.insert(
+        GOLDEN_OUTPUTS.to_string(),
+        kiln_io::npz::npz_bytes(&outputs)?,
+    );
+    if a.with_runner {
+        let runner = a.dir.join(RUNNER_FILE);
+        files.insert(
+            RUNNER_FILE.into(),
+            std::fs::read(&runner)
+                .with_context(|| format!("--with-runner: cannot read {}", runner.display()))?,
+        );
+    }
+    let name = model_path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".nnef.tar")
+        .to_string();
+    let input = PackageInput {
+        name,
+        version: a.version,
+        target,
+        precision: precision(&model),
+        tract_version: kiln_io::TRACT_VERSION.into(),
+        // Cross-CPU f32 results differ in the last bits (FMA, kernel order): 1e-3 relative.
+        golden_max_abs: 1e-3 * peak,
+        expected_accuracy: a.accuracy,
+        files,
+    };
+    let (bytes, manifest) = package(&input, &key)?;
+    kiln_io::fsutil::write_atomic(&a.out, &bytes)?;
+    let model_zst = zstd::bulk::compress(&model_bytes, ZSTD_LEVEL)?.len();
+    let runner_zst = match input.files.get(RUNNER_FILE) {
+        Some(r) => zstd::bulk::compress(r, ZSTD_LEVEL)?.len(),
+        None => 0,
+    };
+    println!(
+        "packaged {} v{} for {} -> {} ({}; model {} -> {} compressed{}, overhead {} for manifest, signature and golden data)",
+        manifest.name,
+        manifest.version,
+        manifest.target,
+        a.out.display(),
+        human_bytes(bytes.len() as u64),
+        human_bytes(model_bytes.len() as u64),
+        human_bytes(model_zst as u64),
+        if runner_zst > 0 { format!(", runner {} compressed", human_bytes(runner_zst as u64)) } else { String::new() },
+        human_bytes((bytes.len() - model_zst - runner_zst) as u64),
+    );
+    println!("signed with key {}", manifest.key_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.cast_to::<f64>()
+        .ok()
+        .and_then(|c| {
+            kiln_io::slice_of::<f64>(&c)
+                .ok()
+                .map(|s| s.iter().fold(0.0f64, |m, v| m.max(v.abs())))
+        })
+        .unwrap_or(0.0)
+}
+
+/// Precision label from the stored parameters' dominant type.
+fn precision(model: &kiln_graph::Model) -> String {
+    let mut by: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &model.params {
+        *by.entry(p.dtype.clone()).or_default() += p.bytes;
+    }
+    let top = by
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(d, _)| d)
+        .unwrap_or_default();
+    match top.as_str() {
+        "f16" => "f16",
+        "i8" | "u8" | "qi8" | "qu8" => "int8",
+        _ => "f32",
+    }
+    .into()
+}
+
+/// Deterministic pseudo-random golden inputs (symbolic dims set to 1).
+fn synthetic_inputs(specs: &[InputSpec]) -> Result<NamedTensors> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // xorshift64*: fixed sequence, so the same model packages the same golden data.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    specs
+        .iter()
+        .map(|s| {
+            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| next()).collect();
+            let t = Tensor::from_shape(&shape, &data)?
+                .cast_to_dt(s.datum_type)?
+                .into_owned();
+            Ok((s.name.clone(), t))
+        })
+        .collect()
+}
+
+/// `kiln verify app.kiln --pubkey PUB`: signature, hashes, structure, limits.
+pub fn verify_cmd(artifact: &Path, pubkey: &Path, json: bool) -> Result<ExitCode> {
+    let key = keys::read_public_key(pubkey)?;
+    let file = std::fs::File::open(artifact)
+        .with_context(|| format!("cannot open {}", artifact.display()))?;
+    let t0 = std::time::Instant::now();
+    let v = kiln_artifact::verify(
+        std::io::BufReader::new(file),
+        &[key],
+        &Limits::default(),
+        &mut |_| Ok(()),
+        &mut |_, r| {
+            std::io::copy(r, &mut std::io::sink())?;
+            Ok(())
+        },
+    )
+    .with_context(|| format!("{} failed verification", artifact.display()))?;
+    let m: &Manifest = &v.manifest;
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+    } else {
+        println!(
+            "{}: OK — {} v{} for {} ({}), signed by key {}, {} files, {} unpacked, verified in {:.0} ms",
+            artifact.display(),
+            m.name,
+            m.version,
+            m.target,
+            m.precision,
+            m.key_id,
+            m.files.len(),
+            human_bytes(m.payload_bytes()),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A device kiln can flash to from here.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Device {
+    /// This machine, running the target's runner natively.
+    Local,
+    /// qemu-user for an architecture (`qemu-aarch64`, `qemu-armv7`).
+    Qemu(String),
+}
+
+impl Device {
+    /// Parses `local`, `qemu-aarch64`, `qemu-armv7`.
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "local" => Ok(Device::Local),
+            "qemu-aarch64" => Ok(Device::Qemu("aarch64".into())),
+            "qemu-armv7" | "qemu-arm" => Ok(Device::Qemu("arm".into())),
+            other if other.starts_with("ssh://") => {
+                bail!("ssh devices arrive with `kiln bench`; flash to `{other}` by copying the artifact and running `kiln-runner install` there")
+            }
+            other => bail!("unknown device `{other}`; known: local, qemu-aarch64, qemu-armv7"),
+        }
+    }
+}
+
+/// `kiln flash app.kiln --device D`: install an artifact on a device with its runner.
+pub fn flash_cmd(
+    artifact: &Path,
+    device: &str,
+    keys: &Path,
+    root: &Path,
+    allow_downgrade: bool,
+) -> Result<ExitCode> {
+    let device = Device::parse(device)?;
+    // The manifest says which target (and so which runner) the artifact is for; reading it
+    // here needs no trust: the device verifies everything itself.
+    let target = peek_target(artifact)?;
+    let spec = kiln_target::find(&kiln_target::targets_dir()?, &target)?;
+    match (&device, kiln_target::emulate::execution(&spec)) {
+        (Device::Local, kiln_target::emulate::Execution::Native) => {}
+        (Device::Qemu(arch), kiln_target::emulate::Execution::Emulated)
+            if *arch == spec.elf.machine => {}
+        _ => bail!(
+            "artifact is for `{target}` ({}), which device `{device:?}` cannot run",
+            spec.elf.machine
+        ),
+    }
+    let runner = crate::compile::runner_for(&spec, None)?;
+    let mut cmd = kiln_target::emulate::command(&spec, &runner)?;
+    cmd.arg("install")
+        .arg(artifact)
+        .arg("--keys")
+        .arg(keys)
+        .arg("--root")
+        .arg(root);
+    if allow_downgrade {
+        cmd.arg("--allow-downgrade");
+    }
+    let out = cmd.output().context("cannot start the runner")?;
+    let report: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
+    let name = format!("{}", artifact.display());
+    match report {
+        Some(r) if out.status.success() => {
+            println!(
+                "   flashed {name} to {device:?}: {} v{} active in slot {} ({})",
+                r["name"].as_str().unwrap_or("?"),
+                r["version"],
+                r["active_slot"].as_str().unwrap_or("?"),
+                r["detail"].as_str().unwrap_or("")
+            );
+        }
+        Some(r) => eprintln!(
+            "   {name} refused by {device:?} ({}): {}; active stays v{}",
+            r["outcome"].as_str().unwrap_or("?"),
+            r["detail"].as_str().unwrap_or("?"),
+            r["active_version"]
+        ),
+        None => eprint!("{}", String::from_utf8_lossy(&out.stderr)),
+    }
+    Ok(if out.status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The `target` field of an artifact's manifest, without verifying anything.
+fn peek_target(artifact: &Path) -> Result<String> {
+    let file = std::fs::File::open(artifact)
+        .with_context(|| format!("cannot open {}", artifact.display()))?;
+    let decoder = zstd::stream::read::Decoder::new(file)?;
+    let mut tar = tar::Archive::new(decoder);
+    let mut entries = tar
+        .entries()
+        .with_context(|| format!("{} is not a kiln artifact", artifact.display()))?;
+    let mut first = entries
+        .next()
+        .with_context(|| format!("{} is empty", artifact.display()))??;
+    let mut bytes = vec![];
+    std::io::Read::take(&mut first, kiln_artifact::manifest::MAX_MANIFEST_BYTES)
+        .read_to_end(&mut bytes)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} has no readable manifest", artifact.display()))?;
+    v["target"]
+        .as_str()
+        .map(String::from)
+        .with_context(|| format!("{}: manifest names no target", artifact.display()))
+}
