@@ -142,15 +142,10 @@ fn keygen_package_verify_and_openssl() {
 
     // Stock openssl verifies kiln's signature over the exact manifest bytes.
     let pubkey = kiln_artifact::keys::read_public_key(&b.path("signer.pem.pub")).unwrap();
-    let v = kiln_artifact::verify(
+    let v = kiln_artifact::verify_only(
         std::fs::File::open(&art).unwrap(),
         &[pubkey],
         &Default::default(),
-        &mut |_| Ok(()),
-        &mut |_, r| {
-            std::io::copy(r, &mut std::io::sink())?;
-            Ok(())
-        },
     )
     .unwrap();
     std::fs::write(b.path("manifest.json"), &v.manifest_bytes).unwrap();
@@ -177,6 +172,56 @@ fn keygen_package_verify_and_openssl() {
     tampered[20] ^= 1;
     std::fs::write(b.path("tampered.json"), &tampered).unwrap();
     assert!(!ssl("tampered.json").status.success());
+    // Keys of the wrong type or missing: clear errors.
+    let ec = b.path("ec.pem");
+    assert!(Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out"
+        ])
+        .arg(&ec)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&ec)
+        .arg("-out")
+        .arg(b.path("ec.pub"))
+        .status()
+        .unwrap()
+        .success());
+    kiln(&[&"verify", &art, &"--pubkey", &b.path("ec.pub")])
+        .fails_with(&["ec.pub", "not an Ed25519 public key"]);
+    let build = b.path("build-digits-x86_64-linux");
+    let out = b.path("x.kiln");
+    kiln(&[
+        &"package",
+        &build,
+        &"--key",
+        &ec,
+        &"--version",
+        &"1",
+        &"-o",
+        &out,
+    ])
+    .fails_with(&["ec.pem", "not an Ed25519 private key"]);
+    kiln(&[
+        &"package",
+        &build,
+        &"--key",
+        &b.path("absent.pem"),
+        &"--version",
+        &"1",
+        &"-o",
+        &out,
+    ])
+    .fails_with(&["absent.pem", "cannot read signing key"]);
+    assert!(!out.exists());
     // openssl reads the private key too.
     assert!(Command::new("openssl")
         .args(["pkey", "-noout", "-in"])
@@ -266,32 +311,10 @@ fn install_upgrade_rollback_and_refusals() {
     // miscompiled): refused on the device, v1 stays.
     let doctored = b.path("doctored.kiln");
     let key = kiln_artifact::keys::read_private_key(&b.key()).unwrap();
-    let v = kiln_artifact::verify(
-        std::fs::File::open(&v9).unwrap(),
-        &[key.verifying_key()],
-        &Default::default(),
-        &mut |_| Ok(()),
-        &mut |_, r| {
-            std::io::copy(r, &mut std::io::sink())?;
-            Ok(())
-        },
-    )
-    .unwrap();
     let unpacked = b.path("unpacked");
     std::fs::create_dir(&unpacked).unwrap();
-    kiln_artifact::verify(
-        std::fs::File::open(&v9).unwrap(),
-        &[key.verifying_key()],
-        &Default::default(),
-        &mut |_| Ok(()),
-        &mut |p, r| {
-            let dest = unpacked.join(p);
-            std::fs::create_dir_all(dest.parent().unwrap())?;
-            std::io::copy(r, &mut std::fs::File::create(dest)?)?;
-            Ok(())
-        },
-    )
-    .unwrap();
+    let v =
+        kiln_artifact::unpack(&v9, &[key.verifying_key()], &Default::default(), &unpacked).unwrap();
     let mut files = std::collections::BTreeMap::new();
     for p in v.manifest.files.keys() {
         files.insert(p.clone(), std::fs::read(unpacked.join(p)).unwrap());

@@ -114,7 +114,7 @@ fn embedded_single_file() {
         let bad = dir.path().join("cut");
         write_exe(&bad, &cut);
         run_runner(target, &bad, None, &fixture("digits", "sample.npz"), &out)
-            .fails_with(&["embedded model is truncated"]);
+            .fails_with(&["embedded model is corrupted or truncated"]);
     }
 }
 
@@ -260,13 +260,15 @@ fn bad_targets() {
         good.replace("class = 64", "class = \"sixty-four\""),
     )
     .unwrap();
-    let ghost = good
+    let ghost: String = good
         .replace("name = \"x86_64-linux\"", "name = \"ghost-linux\"")
         .replace("x86_64-unknown-linux-musl", "riscv64gc-unknown-linux-musl")
-        .replace(
-            "linker = \"\"",
-            "linker = \"riscv64-linux-gnu-gcc-nonexistent\"",
-        );
+        .lines()
+        .map(|l| match l.starts_with("linker =") {
+            true => "linker = \"riscv64-linux-gnu-gcc-nonexistent\"\n".to_string(),
+            false => format!("{l}\n"),
+        })
+        .collect();
     std::fs::write(specs.join("ghost-linux.toml"), ghost).unwrap();
     let with_specs = |target: &str| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));

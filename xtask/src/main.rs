@@ -24,6 +24,7 @@ tasks:
   runner --target NAME [--target NAME ...] [--profile P]
                      cross-build kiln-runner into target/runners/NAME/kiln-runner
   bench size         runner size per target, by section and by crate
+  bench package      artifact verification throughput and packaging overhead
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 

@@ -185,6 +185,8 @@ pub fn install(
     opts: &InstallOptions,
     self_test: &dyn Fn(&Path, &Manifest) -> Result<String>,
 ) -> Result<InstallReport> {
+    let file = File::open(artifact)
+        .with_context(|| format!("cannot open artifact {}", artifact.display()))?;
     let _lock = lock(root)?;
     let current = active_slot(root)?;
     let current_manifest = current
@@ -205,8 +207,6 @@ pub fn install(
         active_slot: current.clone(),
         active_version: current_manifest.as_ref().map(|m| m.version),
     };
-    let file = File::open(artifact)
-        .with_context(|| format!("cannot open artifact {}", artifact.display()))?;
     let mut policy = |m: &Manifest| -> Result<()> {
         if let Some(t) = &opts.target {
             if &m.target != t {
@@ -280,7 +280,16 @@ pub fn install(
             e.context("writing the new slot failed (disk full?); the previous model stays active")
         );
     }
-    match self_test(&staging, &verified.manifest) {
+    let tested = self_test(&staging, &verified.manifest);
+    if tested.is_ok() {
+        if let Err(e) = switch(root, &staging, current.as_deref()) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(
+                e.context("switching to the new slot failed; the previous model stays active")
+            );
+        }
+    }
+    match tested {
         Ok(summary) => report.detail = summary,
         Err(e) => {
             let _ = fs::remove_dir_all(&staging);
@@ -290,17 +299,22 @@ pub fn install(
         }
     }
     let target_slot = current.as_deref().map(other).unwrap_or("a");
-    let slot_dir = slots(root).join(target_slot);
-    if slot_dir.exists() {
-        fs::remove_dir_all(&slot_dir)?;
-    }
-    fs::rename(&staging, &slot_dir)?;
-    fsync_dir(&slots(root))?;
-    set_active(root, target_slot)?;
     report.outcome = "installed".into();
     report.active_slot = Some(target_slot.into());
     report.active_version = Some(verified.manifest.version);
     Ok(report)
+}
+
+/// Replaces the inactive slot with `staging` and points `active` at it.
+fn switch(root: &Path, staging: &Path, current: Option<&str>) -> Result<()> {
+    let target_slot = current.map(other).unwrap_or("a");
+    let slot_dir = slots(root).join(target_slot);
+    if slot_dir.exists() {
+        fs::remove_dir_all(&slot_dir)?;
+    }
+    fs::rename(staging, &slot_dir)?;
+    fsync_dir(&slots(root))?;
+    set_active(root, target_slot)
 }
 
 fn is_io_trouble(text: &str) -> bool {

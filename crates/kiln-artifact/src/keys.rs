@@ -70,8 +70,13 @@ mod host {
     }
 
     /// PKCS#8 PEM of the private key.
+    /// (PKCS#8 v1, no embedded public key: OpenSSL 3.0 refuses the v2 form for Ed25519.)
     pub fn private_pem(key: &SigningKey) -> Result<String> {
-        Ok(key
+        let bytes = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: key.to_bytes(),
+            public_key: None,
+        };
+        Ok(bytes
             .to_pkcs8_pem(Default::default())
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .to_string())

@@ -14,4 +14,4 @@ pub use manifest::Manifest;
 
 #[cfg(test)]
 mod tests;
-pub use read::{verify, Limits, Verified};
+pub use read::{unpack, verify, verify_only, Limits, Verified};

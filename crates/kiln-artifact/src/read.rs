@@ -137,6 +137,43 @@ pub fn verify<R: Read>(
     })
 }
 
+/// Verifies a whole artifact held in `reader` without keeping its files (`kiln verify`).
+pub fn verify_only<R: Read>(
+    reader: R,
+    trusted: &[VerifyingKey],
+    limits: &Limits,
+) -> Result<Verified> {
+    verify(reader, trusted, limits, &mut |_| Ok(()), &mut |_, r| {
+        io::copy(r, &mut io::sink())?;
+        Ok(())
+    })
+}
+
+/// Verifies the artifact at `path` and unpacks its files into `dir` (which must exist).
+pub fn unpack(
+    path: &std::path::Path,
+    trusted: &[VerifyingKey],
+    limits: &Limits,
+    dir: &std::path::Path,
+) -> Result<Verified> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    verify(
+        io::BufReader::new(file),
+        trusted,
+        limits,
+        &mut |_| Ok(()),
+        &mut |p, r| {
+            let dest = dir.join(p);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            io::copy(r, &mut std::fs::File::create(dest)?)?;
+            Ok(())
+        },
+    )
+}
+
 /// Checks the Ed25519 signature of `manifest_bytes` against the trusted keys, then parses it.
 pub fn check_signature(
     manifest_bytes: &[u8],

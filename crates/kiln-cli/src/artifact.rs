@@ -184,22 +184,28 @@ fn precision(model: &kiln_graph::Model) -> String {
     .into()
 }
 
-/// Deterministic pseudo-random golden inputs (symbolic dims set to 1).
+/// Deterministic golden inputs (symbolic dims set to 1): a block of 4096 pseudo-random
+/// values in [-1, 1) tiled over each tensor. Every weight still sees varied values, and the
+/// tiling lets zstd shrink the inputs to about 16 kB whatever the input size, which keeps
+/// the artifact's overhead small (a 1x3x224x224 f32 input is 602 kB raw).
 fn synthetic_inputs(specs: &[InputSpec]) -> Result<NamedTensors> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        // xorshift64*: fixed sequence, so the same model packages the same golden data.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
+    let block: Vec<f32> = (0..4096)
+        .map(|_| {
+            // xorshift64*: a fixed sequence, so the same model packages the same golden data.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0
+                - 1.0
+        })
+        .collect();
     specs
         .iter()
         .map(|s| {
             let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| next()).collect();
+            let data: Vec<f32> = block.iter().copied().cycle().take(n).collect();
             let t = Tensor::from_shape(&shape, &data)?
                 .cast_to_dt(s.datum_type)?
                 .into_owned();
@@ -214,17 +220,8 @@ pub fn verify_cmd(artifact: &Path, pubkey: &Path, json: bool) -> Result<ExitCode
     let file = std::fs::File::open(artifact)
         .with_context(|| format!("cannot open {}", artifact.display()))?;
     let t0 = std::time::Instant::now();
-    let v = kiln_artifact::verify(
-        std::io::BufReader::new(file),
-        &[key],
-        &Limits::default(),
-        &mut |_| Ok(()),
-        &mut |_, r| {
-            std::io::copy(r, &mut std::io::sink())?;
-            Ok(())
-        },
-    )
-    .with_context(|| format!("{} failed verification", artifact.display()))?;
+    let v = kiln_artifact::verify_only(std::io::BufReader::new(file), &[key], &Limits::default())
+        .with_context(|| format!("{} failed verification", artifact.display()))?;
     let m: &Manifest = &v.manifest;
     if json {
         println!("{}", serde_json::to_string_pretty(m)?);

@@ -198,13 +198,23 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
             })?;
             ok &= flash_cmd(&art, device, &keys, &root, false)? == ExitCode::SUCCESS;
         }
-        let good = std::fs::read(work.join(format!("mobilenet-{target}-v2.kiln")))?;
-        let mut bad = good.clone();
-        let mid = bad.len() / 2;
-        bad[mid] ^= 0x40;
+        // v3, then one byte flipped in the model's compressed bytes (the last entry).
+        let v3 = work.join(format!("mobilenet-{target}-v3.kiln"));
+        package_cmd(PackageArgs {
+            dir: work.join(target),
+            key: key.clone(),
+            version: 3,
+            out: v3.clone(),
+            golden_inputs: None,
+            with_runner: false,
+            accuracy: None,
+        })?;
+        let mut bad = std::fs::read(&v3)?;
+        let at = bad.len() - 4096;
+        bad[at] ^= 0x40;
         let tampered = work.join(format!("mobilenet-{target}-v3-tampered.kiln"));
         std::fs::write(&tampered, &bad)?;
-        println!("   flashing a copy with one flipped byte to {device}: expect a refusal");
+        println!("   flashing v3 with one flipped byte to {device}: expect a refusal");
         ok &= flash_cmd(&tampered, device, &keys, &root, false)? != ExitCode::SUCCESS;
         let spec = kiln_target::find(&kiln_target::targets_dir()?, target)?;
         let runner = crate::compile::runner_for(&spec, None)?;

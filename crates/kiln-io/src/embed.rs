@@ -51,7 +51,7 @@ pub fn read_payload(exe: &Path) -> Result<Option<Vec<u8>>> {
     let mut payload = vec![0u8; len as usize];
     f.read_exact(&mut payload)?;
     if Sha256::digest(&payload)[..] != t[16..] {
-        bail!("{}: the embedded model is corrupted (SHA-256 mismatch); copy the file again or rebuild it with `kiln compile --embed`", exe.display());
+        bail!("{}: the embedded model is corrupted or truncated (SHA-256 mismatch); copy the file again or rebuild it with `kiln compile --embed`", exe.display());
     }
     Ok(Some(payload))
 }

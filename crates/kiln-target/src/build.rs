@@ -97,7 +97,7 @@ pub fn build_runner_with(
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env(
             format!("CARGO_TARGET_{triple_env}_RUSTFLAGS"),
-            spec.rustflags(),
+            spec.rustflags(&root.join("targets")),
         )
         .env(
             format!("CARGO_PROFILE_{profile_env}_OPT_LEVEL"),

@@ -46,6 +46,9 @@ pub struct TargetSpec {
     pub elf: ElfSpec,
     /// How to run the runner under emulation on an x86_64 host.
     pub emulate: Option<EmulateSpec>,
+    /// Other executables the build needs on `PATH` (`ld.lld`).
+    #[serde(default)]
+    pub tools: Vec<String>,
     /// Apt packages providing this target's linker and emulator.
     #[serde(default)]
     pub apt: Vec<String>,
@@ -163,8 +166,9 @@ impl TargetSpec {
         Ok(())
     }
 
-    /// The `RUSTFLAGS` for this target's runner build.
-    pub fn rustflags(&self) -> String {
+    /// The `RUSTFLAGS` for this target's runner build; `{targets}` in the spec's extra
+    /// flags stands for `targets_dir` (linker scripts live in `targets/link/`).
+    pub fn rustflags(&self, targets_dir: &Path) -> String {
         let mut flags = vec![format!("-Ctarget-cpu={}", self.cpu)];
         let mut features = self.features.clone();
         if self.static_link {
@@ -173,7 +177,8 @@ impl TargetSpec {
         if !features.is_empty() {
             flags.push(format!("-Ctarget-feature={}", features.join(",")));
         }
-        flags.extend(self.rustflags.iter().cloned());
+        let dir = targets_dir.display().to_string();
+        flags.extend(self.rustflags.iter().map(|f| f.replace("{targets}", &dir)));
         flags.join(" ")
     }
 }

@@ -66,7 +66,8 @@ pub fn status(spec: &TargetSpec) -> ToolchainStatus {
         "rust-lld" => sysroot.as_ref().is_some_and(|s| has_rust_lld(s)),
         other => which(other).is_some(),
     };
-    let cc = spec.cc.is_empty() || which(&spec.cc).is_some();
+    let cc = (spec.cc.is_empty() || which(&spec.cc).is_some())
+        && spec.tools.iter().all(|t| which(t).is_some());
     let linker = linker && cc;
     let emulator = spec.emulate.as_ref().map(|e| which(&e.qemu).is_some());
     let mut install = vec![];
