@@ -111,9 +111,10 @@ fn ci(root: &Path) -> Result<()> {
         args.extend(["--target".to_string(), t.to_string()]);
     }
     cross::runners(root, &args)?;
-    sh(cargo().args(["test", "--workspace"]))?;
+    let (passed, failed) = test_counting(cargo().args(["test", "--workspace"]))?;
     fuzz::fuzz(root, &["--seconds".into(), "20".into()])?;
     eprintln!("xtask ci: all green in {:.0}s", t0.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed");
     Ok(())
 }
 
@@ -128,4 +129,39 @@ fn fixtures(root: &Path, bench: bool) -> Result<()> {
     } else {
         sh(Command::new(&python).arg(&script))
     }
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines; fails when
+/// cargo test fails.
+fn test_counting(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("$ {}", show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.split_whitespace().last()?.parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("{passed} passed, {failed} failed");
+        bail!("cargo test failed ({status})");
+    }
+    Ok((passed, failed))
 }
