@@ -51,13 +51,27 @@ fn pub_path(key: &Path) -> PathBuf {
 }
 
 /// Arguments of `kiln package`.
+#[derive(clap::Args)]
 pub struct PackageArgs {
+    /// Output folder of `kiln compile`.
     pub dir: PathBuf,
+    /// Private signing key (from `kiln keygen`).
+    #[arg(long)]
     pub key: PathBuf,
+    /// Artifact version; devices refuse versions not newer than the installed one.
+    #[arg(long)]
     pub version: u64,
+    /// Artifact path (.kiln).
+    #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
+    /// Inputs for the on-device self-test (default: deterministic synthetic inputs).
+    #[arg(long)]
     pub golden_inputs: Option<PathBuf>,
+    /// Ship the runner inside the artifact too.
+    #[arg(long)]
     pub with_runner: bool,
+    /// Expected top-1 accuracy to record in the manifest.
+    #[arg(long)]
     pub accuracy: Option<f64>,
 }
 

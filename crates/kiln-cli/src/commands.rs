@@ -32,13 +32,27 @@ pub fn inspect(model: &Path, input_shapes: &[String], json: bool) -> Result<Exit
 }
 
 /// Arguments of `kiln run`.
+#[derive(clap::Args)]
 pub struct RunArgs {
+    /// ONNX file, or kiln's NNEF output.
     pub model: PathBuf,
+    /// Inputs: a sample .npz (one array per input) or a dataset (extra leading N axis).
+    #[arg(long)]
     pub inputs: PathBuf,
+    /// Write the outputs here (.npz), named as the model's outputs.
+    #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Reference outputs to compare with: max-abs, cosine, top-1 agreement.
+    #[arg(long)]
     pub compare: Option<PathBuf>,
+    /// With --compare: fail (exit 1) when any output's max-abs error exceeds this.
+    #[arg(long, value_name = "MAX_ABS")]
     pub tolerance: Option<f64>,
+    /// Fix an input's shape (symbolic dims), e.g. input=1x3x224x224. Repeatable.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
+    /// Print the versioned JSON document (schema kiln.run/1).
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -59,13 +59,27 @@ pub fn runner_for(spec: &TargetSpec, given: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Arguments of `kiln compile`.
+#[derive(clap::Args)]
 pub struct CompileArgs {
+    /// ONNX file, or kiln's NNEF output.
     pub model: PathBuf,
+    /// Target name (see `kiln targets`), e.g. aarch64-linux.
+    #[arg(long)]
     pub target: String,
+    /// Output folder.
+    #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
+    /// Produce one executable with the model inside (runner + model + checked trailer).
+    #[arg(long)]
     pub embed: bool,
+    /// Use this runner binary instead of the built one for the target.
+    #[arg(long)]
     pub runner: Option<PathBuf>,
+    /// Fix an input's shape (symbolic dims), e.g. input=1x3x224x224. Repeatable.
+    #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
+    /// Print the JSON report (schema kiln.compile/1; also written as OUT/compile.json).
+    #[arg(long)]
     pub json: bool,
 }
 

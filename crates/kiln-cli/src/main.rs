@@ -32,51 +32,9 @@ enum Command {
         json: bool,
     },
     /// Run a model on the host with tract on a sample or a dataset (.npz/.npy).
-    Run {
-        /// ONNX file, or kiln's NNEF output.
-        model: PathBuf,
-        /// Inputs: a sample .npz (one array per input) or a dataset (extra leading N axis).
-        #[arg(long)]
-        inputs: PathBuf,
-        /// Write the outputs here (.npz), named as the model's outputs.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Reference outputs to compare with: max-abs, cosine, top-1 agreement.
-        #[arg(long)]
-        compare: Option<PathBuf>,
-        /// With --compare: fail (exit 1) when any output's max-abs error exceeds this.
-        #[arg(long, value_name = "MAX_ABS")]
-        tolerance: Option<f64>,
-        /// Fix an input's shape (symbolic dims), e.g. input=1x3x224x224. Repeatable.
-        #[arg(long = "input-shape", value_name = "NAME=DIMS")]
-        input_shapes: Vec<String>,
-        /// Print the versioned JSON document (schema kiln.run/1).
-        #[arg(long)]
-        json: bool,
-    },
+    Run(commands::RunArgs),
     /// Compile a model for a target: the model in runner form (NNEF) plus the runner.
-    Compile {
-        /// ONNX file, or kiln's NNEF output.
-        model: PathBuf,
-        /// Target name (see `kiln targets`), e.g. aarch64-linux.
-        #[arg(long)]
-        target: String,
-        /// Output folder.
-        #[arg(short = 'o', long = "out")]
-        out: PathBuf,
-        /// Produce one executable with the model inside (runner + model + checked trailer).
-        #[arg(long)]
-        embed: bool,
-        /// Use this runner binary instead of the built one for the target.
-        #[arg(long)]
-        runner: Option<PathBuf>,
-        /// Fix an input's shape (symbolic dims), e.g. input=1x3x224x224. Repeatable.
-        #[arg(long = "input-shape", value_name = "NAME=DIMS")]
-        input_shapes: Vec<String>,
-        /// Print the JSON report (schema kiln.compile/1; also written as OUT/compile.json).
-        #[arg(long)]
-        json: bool,
-    },
+    Compile(compile::CompileArgs),
     /// List the targets (targets/*.toml) and what is installed for each.
     Targets {
         /// Print JSON.
@@ -93,28 +51,7 @@ enum Command {
         force: bool,
     },
     /// Sign a `kiln compile` output folder into one .kiln artifact.
-    Package {
-        /// Output folder of `kiln compile`.
-        dir: PathBuf,
-        /// Private signing key (from `kiln keygen`).
-        #[arg(long)]
-        key: PathBuf,
-        /// Artifact version; devices refuse versions not newer than the installed one.
-        #[arg(long)]
-        version: u64,
-        /// Artifact path (.kiln).
-        #[arg(short = 'o', long = "out")]
-        out: PathBuf,
-        /// Inputs for the on-device self-test (default: deterministic synthetic inputs).
-        #[arg(long)]
-        golden_inputs: Option<PathBuf>,
-        /// Ship the runner inside the artifact too.
-        #[arg(long)]
-        with_runner: bool,
-        /// Expected top-1 accuracy to record in the manifest.
-        #[arg(long)]
-        accuracy: Option<f64>,
-    },
+    Package(artifact::PackageArgs),
     /// Verify an artifact's signature, hashes and structure on the host.
     Verify {
         /// The .kiln artifact.
@@ -159,59 +96,11 @@ fn main() -> ExitCode {
             input_shapes,
             json,
         } => commands::inspect(&model, &input_shapes, json),
-        Command::Run {
-            model,
-            inputs,
-            output,
-            compare,
-            tolerance,
-            input_shapes,
-            json,
-        } => commands::run(commands::RunArgs {
-            model,
-            inputs,
-            output,
-            compare,
-            tolerance,
-            input_shapes,
-            json,
-        }),
-        Command::Compile {
-            model,
-            target,
-            out,
-            embed,
-            runner,
-            input_shapes,
-            json,
-        } => compile::compile_cmd(compile::CompileArgs {
-            model,
-            target,
-            out,
-            embed,
-            runner,
-            input_shapes,
-            json,
-        }),
+        Command::Run(args) => commands::run(args),
+        Command::Compile(args) => compile::compile_cmd(args),
         Command::Targets { json } => compile::targets(json),
         Command::Keygen { out, force } => artifact::keygen(&out, force),
-        Command::Package {
-            dir,
-            key,
-            version,
-            out,
-            golden_inputs,
-            with_runner,
-            accuracy,
-        } => artifact::package_cmd(artifact::PackageArgs {
-            dir,
-            key,
-            version,
-            out,
-            golden_inputs,
-            with_runner,
-            accuracy,
-        }),
+        Command::Package(args) => artifact::package_cmd(args),
         Command::Verify {
             artifact: a,
             pubkey,
