@@ -3,6 +3,7 @@
 mod support;
 
 mod artifact;
+mod bench;
 mod compile;
 mod inspect;
 mod run;

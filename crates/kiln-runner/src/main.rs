@@ -8,12 +8,16 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use kiln_io::{exec, Batch};
+
+mod bench;
 use tract_nnef::prelude::*;
 
 const USAGE: &str = "\
 usage:
   kiln-runner run      [--model M] [--root DIR] --inputs IN.npz --output OUT.npz
   kiln-runner info     [--model M] [--root DIR]
+  kiln-runner bench    [--model M] [--root DIR] [--inputs IN.npz] [--iters N | --seconds S]
+                       [--warmup N] [--json OUT.json]
   kiln-runner install  APP.kiln --keys DIR [--root DIR] [--allow-downgrade] [--max-size BYTES]
   kiln-runner status   [--root DIR]
   kiln-runner rollback [--root DIR]
@@ -24,14 +28,15 @@ the active installed model under --root (default $KILN_ROOT, else /var/lib/kiln)
 ";
 
 /// The kiln target this runner was built for (set by `cargo xtask runner`).
-const TARGET: &str = match option_env!("KILN_TARGET") {
+pub(crate) const TARGET: &str = match option_env!("KILN_TARGET") {
     Some(t) => t,
     None => "host",
 };
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match dispatch(&args) {
+    match dispatch(&args, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<UsageError>() {
             Some(u) => {
@@ -97,7 +102,7 @@ impl Opts {
     }
 }
 
-fn dispatch(args: &[String]) -> Result<()> {
+fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("run") => {
             let o = Opts::parse(&args[1..], &["--model", "--root", "--inputs", "--output"])?;
@@ -111,6 +116,57 @@ fn dispatch(args: &[String]) -> Result<()> {
         Some("info") => {
             let o = Opts::parse(&args[1..], &["--model", "--root"])?;
             info(load(o.get("--model").map(Path::new), &root(&o))?)
+        }
+        Some("bench") => {
+            let o = Opts::parse(
+                &args[1..],
+                &[
+                    "--model",
+                    "--root",
+                    "--inputs",
+                    "--iters",
+                    "--seconds",
+                    "--warmup",
+                    "--json",
+                ],
+            )?;
+            let loaded = load(o.get("--model").map(Path::new), &root(&o))?;
+            let load_done = std::time::Instant::now();
+            let number =
+                |flag: &str, default: f64| -> Result<f64> {
+                    match o.get(flag) {
+                        None => Ok(default),
+                        Some(v) => v.parse::<f64>().ok().filter(|x| *x >= 0.0).ok_or_else(|| {
+                            usage(format!("{flag} `{v}` is not a non-negative number"))
+                        }),
+                    }
+                };
+            let opts = bench::BenchOptions {
+                warmup: number("--warmup", 5.0)? as usize,
+                iters: number("--iters", 50.0)? as usize,
+                seconds: o
+                    .get("--seconds")
+                    .map(|_| number("--seconds", 0.0))
+                    .transpose()?,
+            };
+            let inputs = o
+                .get("--inputs")
+                .map(|p| kiln_io::read_tensors(Path::new(p)))
+                .transpose()?;
+            let report = bench::bench(
+                started,
+                load_done,
+                &loaded.model,
+                &loaded.name,
+                inputs,
+                &opts,
+            )?;
+            let text = serde_json::to_string_pretty(&report)?;
+            match o.get("--json") {
+                Some(p) => kiln_io::fsutil::write_atomic(Path::new(p), text.as_bytes())?,
+                None => print_out(&text)?,
+            }
+            Ok(())
         }
         Some("install") => {
             let Some(artifact) = args.get(1).filter(|a| !a.starts_with("--")) else {
@@ -341,4 +397,13 @@ fn info(loaded: Loaded) -> Result<()> {
         bail!("the model has no nodes");
     }
     Ok(())
+}
+
+/// Prints `text` and a newline to stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }

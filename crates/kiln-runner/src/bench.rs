@@ -1,0 +1,173 @@
+//! `kiln-runner bench`: cold start, latency percentiles, peak memory, per-op profile, and
+//! what CPU it ran on, as a `kiln.bench/1` JSON report (schema in docs/json.md).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kiln_io::{exec, Batch};
+use serde_json::{json, Value};
+use tract_nnef::prelude::*;
+
+/// How long or how many times to measure.
+pub struct BenchOptions {
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Timed runs (at least this many)...
+    pub iters: usize,
+    /// ...or, when set, runs until this much time has passed (at least 3).
+    pub seconds: Option<f64>,
+}
+
+/// Times from process start (`started`), through loading (`loaded`), to a full report.
+pub fn bench(
+    started: Instant,
+    load_done: Instant,
+    model: &TypedModel,
+    name: &str,
+    inputs: Option<kiln_io::NamedTensors>,
+    opts: &BenchOptions,
+) -> Result<Value> {
+    let specs = exec::input_specs(model)?;
+    let arrays = match inputs {
+        Some(a) => a,
+        None => synthetic(&specs)?,
+    };
+    let batch = Batch::bind(&specs, arrays, "bench inputs")?;
+    let sample = batch.sample(0)?;
+    let plan = exec::prepare(model, &batch.symbols)?;
+    let prepared = Instant::now();
+    plan.run(sample.clone()).context("first inference failed")?;
+    let first = Instant::now();
+
+    for _ in 0..opts.warmup {
+        plan.run(sample.clone())?;
+    }
+    let mut times = vec![];
+    let budget = opts.seconds.map(Duration::from_secs_f64);
+    let t_all = Instant::now();
+    loop {
+        let t0 = Instant::now();
+        plan.run(sample.clone())?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let done = match budget {
+            Some(b) => t_all.elapsed() >= b && times.len() >= 3,
+            None => times.len() >= opts.iters.max(1),
+        };
+        if done {
+            break;
+        }
+    }
+    let profile = profile(&plan, &sample)?;
+    times.sort_by(|a, b| a.total_cmp(b));
+    let n = times.len() as f64;
+    let mean = times.iter().sum::<f64>() / n;
+    let stddev = (times.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let pct = |p: f64| times[(((n - 1.0) * p).round() as usize).min(times.len() - 1)];
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    let (cpu_model, cpu_features, emulated) = cpu();
+    Ok(json!({
+        "schema": "kiln.bench/1",
+        "model": name,
+        "target": crate::TARGET,
+        "arch": std::env::consts::ARCH,
+        "tract_version": kiln_io::TRACT_VERSION,
+        "runner_version": env!("CARGO_PKG_VERSION"),
+        "emulated": emulated,
+        "cpu": { "model": cpu_model, "features": cpu_features },
+        "threads": 1,
+        "iterations": times.len(),
+        "warmup": opts.warmup,
+        "latency_ms": {
+            "min": times[0], "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+            "max": times[times.len() - 1], "mean": mean, "stddev": stddev,
+        },
+        "throughput_per_s": 1e3 / mean,
+        "cold_start_ms": {
+            "load": ms(started, load_done),
+            "prepare": ms(load_done, prepared),
+            "first_inference": ms(prepared, first),
+            "total": ms(started, first),
+        },
+        "peak_rss_bytes": peak_rss(),
+        "profile": profile,
+    }))
+}
+
+/// One profiled run: time per node, summed per op type, top 15 by time.
+fn profile(plan: &Arc<TypedRunnableModel>, sample: &TVec<TValue>) -> Result<Value> {
+    let mut state = plan.spawn()?;
+    let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut total = 0f64;
+    state.run_plan_with_eval(sample.clone(), |ctx, op_state, node, input| {
+        let t0 = Instant::now();
+        let r = tract_nnef::tract_core::plan::eval(ctx, op_state, node, input);
+        let dt = t0.elapsed().as_secs_f64() * 1e3;
+        total += dt;
+        let e = by_op.entry(node.op().name().to_string()).or_default();
+        e.0 += dt;
+        e.1 += 1;
+        r
+    })?;
+    let mut rows: Vec<(String, (f64, usize))> = by_op.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    Ok(Value::Array(
+        rows.into_iter()
+            .take(15)
+            .map(|(op, (ms, nodes))| json!({ "op": op, "nodes": nodes, "ms": ms, "share": if total > 0.0 { ms / total } else { 0.0 } }))
+            .collect(),
+    ))
+}
+
+/// Inputs for a model with no data given: the tiled pseudo-random block `kiln package`
+/// uses too, symbolic dims set to 1.
+fn synthetic(specs: &[kiln_io::InputSpec]) -> Result<kiln_io::NamedTensors> {
+    specs
+        .iter()
+        .map(|s| {
+            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 4093) as f32 / 2046.5 - 1.0)
+                .collect();
+            Ok((
+                s.name.clone(),
+                Tensor::from_shape(&shape, &data)?
+                    .cast_to_dt(s.datum_type)?
+                    .into_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Peak resident set size (VmHWM) of this process.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU model, features, and whether this looks emulated: under qemu-user /proc/cpuinfo
+/// describes the host, whose architecture differs from this binary's (or kiln said so
+/// through KILN_EMULATED).
+fn cpu() -> (Option<String>, Vec<String>, bool) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |keys: &[&str]| {
+        info.lines()
+            .find(|l| keys.iter().any(|k| l.starts_with(k)))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let model = field(&["model name", "Model", "Hardware", "CPU part"]);
+    let features: Vec<String> = field(&["Features", "flags"])
+        .map(|f| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let host_is_x86 = info.contains("\nflags")
+        || info.starts_with("flags")
+        || info.contains("GenuineIntel")
+        || info.contains("AuthenticAMD");
+    let arch_mismatch = std::env::consts::ARCH != "x86_64" && host_is_x86;
+    let emulated = std::env::var_os("KILN_EMULATED").is_some() || arch_mismatch;
+    (model, features, emulated)
+}
