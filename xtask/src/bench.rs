@@ -13,7 +13,8 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("size") => size(root),
         Some("package") => package(),
-        _ => bail!("usage: cargo xtask bench size|package"),
+        Some("runtime") => runtime(root),
+        _ => bail!("usage: cargo xtask bench size|package|runtime"),
     }
 }
 
@@ -133,5 +134,140 @@ fn package() -> Result<()> {
         "  overhead beyond the compressed model: {} bytes (manifest, signature, 8 KB golden data, tar headers; target <= 65536)",
         artifact.len() as i64 - model_zst as i64
     );
+    Ok(())
+}
+
+/// Target whose runner `bench runtime` measures: the host CPU at full speed (opt-level 3).
+const RUNTIME_TARGET: &str = "x86_64-linux-v3";
+
+/// kiln-runner vs onnxruntime (PyPI, in the xtask venv) on the same models, inputs and
+/// thread count, alternating rounds in one run; medians and ratios, written to
+/// `target/bench/runtime.json`.
+fn runtime(root: &Path) -> Result<()> {
+    use std::process::Command;
+    let python = crate::py::venv(root)?;
+    let script = root.join("xtask/src/ort_bench.py");
+    crate::sh(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "build",
+            "--release",
+            "--package",
+            "kiln",
+        ]),
+    )?;
+    let kiln = root.join("target/release/kiln");
+    let mut models: Vec<(String, std::path::PathBuf, std::path::PathBuf)> =
+        ["digits", "cnn", "mobilenet", "transformer"]
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    root.join("fixtures").join(n).join("model.onnx"),
+                    root.join("fixtures").join(n).join("sample.npz"),
+                )
+            })
+            .collect();
+    for n in ["mobilenetv2_224", "resnet18_224"] {
+        let m = root.join("fixtures/bench").join(format!("{n}.onnx"));
+        if m.exists() {
+            models.push((
+                n.into(),
+                m,
+                root.join("fixtures/bench").join(format!("{n}.sample.npz")),
+            ));
+        } else {
+            eprintln!("({n} skipped: run `cargo xtask fixtures --bench` first)");
+        }
+    }
+    let work = root.join("target/bench");
+    std::fs::create_dir_all(&work)?;
+    let rounds = 3;
+    let mut rows = vec![];
+    for (name, model, sample) in &models {
+        let out = work.join(format!("compiled-{name}"));
+        crate::sh(
+            Command::new(&kiln)
+                .arg("compile")
+                .arg(model)
+                .args(["--target", RUNTIME_TARGET, "-o"])
+                .arg(&out),
+        )?;
+        // `kiln compile` names the model after its file, or its folder for `model.onnx`.
+        let nnef = out.join(format!("{name}.nnef.tar"));
+        let iters = if name.ends_with("224") { "20" } else { "200" };
+        let (mut kiln_p50, mut ort_p50) = (vec![], vec![]);
+        let (mut kiln_last, mut ort_last) = (serde_json::Value::Null, serde_json::Value::Null);
+        for _ in 0..rounds {
+            let report = work.join(format!("{name}.kiln.json"));
+            crate::sh(
+                Command::new(out.join("kiln-runner"))
+                    .arg("bench")
+                    .arg("--model")
+                    .arg(&nnef)
+                    .arg("--inputs")
+                    .arg(sample)
+                    .args(["--iters", iters, "--json"])
+                    .arg(&report),
+            )?;
+            kiln_last = serde_json::from_slice(&std::fs::read(&report)?)?;
+            kiln_p50.push(kiln_last["latency_ms"]["p50"].as_f64().unwrap_or(f64::NAN));
+            let o = Command::new(&python)
+                .arg(&script)
+                .arg(model)
+                .arg(sample)
+                .args([iters, "1"])
+                .output()?;
+            if !o.status.success() {
+                bail!(
+                    "onnxruntime bench failed on {name}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            ort_last = serde_json::from_slice(&o.stdout)?;
+            ort_p50.push(ort_last["p50"].as_f64().unwrap_or(f64::NAN));
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (k, o) = (med(&mut kiln_p50), med(&mut ort_p50));
+        rows.push(serde_json::json!({
+            "model": name,
+            "kiln_p50_ms": k,
+            "onnxruntime_p50_ms": o,
+            "ratio": k / o,
+            "kiln_cold_start_ms": kiln_last["cold_start_ms"]["total"],
+            "onnxruntime_cold_start_ms": ort_last["cold_start_ms"],
+            "kiln_peak_rss_bytes": kiln_last["peak_rss_bytes"],
+            "onnxruntime_peak_rss_bytes": ort_last["peak_rss_bytes"],
+            "kiln_top_op": kiln_last["profile"][0],
+        }));
+    }
+    println!("\nkiln-runner ({RUNTIME_TARGET}) vs onnxruntime, 1 thread, median of {rounds} alternating rounds\n");
+    println!(
+        "{:<16} {:>10} {:>10} {:>7} {:>11} {:>11}  kiln's top op",
+        "model", "kiln ms", "ort ms", "ratio", "kiln cold", "ort cold"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:>10.3} {:>10.3} {:>6.2}x {:>9.1}ms {:>9.1}ms  {} ({:.0}%)",
+            r["model"].as_str().unwrap_or(""),
+            r["kiln_p50_ms"].as_f64().unwrap_or(0.0),
+            r["onnxruntime_p50_ms"].as_f64().unwrap_or(0.0),
+            r["ratio"].as_f64().unwrap_or(0.0),
+            r["kiln_cold_start_ms"].as_f64().unwrap_or(0.0),
+            r["onnxruntime_cold_start_ms"].as_f64().unwrap_or(0.0),
+            r["kiln_top_op"]["op"].as_str().unwrap_or("?"),
+            r["kiln_top_op"]["share"].as_f64().unwrap_or(0.0) * 100.0,
+        );
+    }
+    let path = work.join("runtime.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "schema": "kiln.bench-runtime/1", "target": RUNTIME_TARGET, "rows": rows }),
+        )?,
+    )?;
+    println!("\nwrote {}", path.display());
     Ok(())
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod cross;
 mod fuzz;
-mod py;
+pub mod py;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -25,6 +25,7 @@ tasks:
                      cross-build kiln-runner into target/runners/NAME/kiln-runner
   bench size         runner size per target, by section and by crate
   bench package      artifact verification throughput and packaging overhead
+  bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 

@@ -130,8 +130,6 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                     "--json",
                 ],
             )?;
-            let loaded = load(o.get("--model").map(Path::new), &root(&o))?;
-            let load_done = std::time::Instant::now();
             let number =
                 |flag: &str, default: f64| -> Result<f64> {
                     match o.get(flag) {
@@ -149,6 +147,8 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                     .map(|_| number("--seconds", 0.0))
                     .transpose()?,
             };
+            let loaded = load(o.get("--model").map(Path::new), &root(&o))?;
+            let load_done = std::time::Instant::now();
             let inputs = o
                 .get("--inputs")
                 .map(|p| kiln_io::read_tensors(Path::new(p)))
