@@ -75,8 +75,9 @@ pub fn run_batch(
         bail!("the dataset holds no sample (its leading axis is 0)");
     }
     let mut per_output: Vec<Vec<Tensor>> = vec![vec![]; names.len()];
+    let mut state = plan.spawn()?;
     for i in 0..batch.len() {
-        let outputs = plan
+        let outputs = state
             .run(batch.sample(i)?)
             .with_context(|| format!("inference failed on sample {i}"))?;
         for (slot, o) in per_output.iter_mut().zip(outputs) {
