@@ -156,6 +156,9 @@ fn runtime(root: &Path) -> Result<()> {
         ]),
     )?;
     let kiln = root.join("target/release/kiln");
+    // Rebuild (or confirm fresh) the runner `kiln compile` will pick up.
+    let spec = kiln_target::find(&root.join("targets"), RUNTIME_TARGET)?;
+    build::build_runner(root, &spec, build::RUNNER_PROFILE)?;
     let mut models: Vec<(String, std::path::PathBuf, std::path::PathBuf)> =
         ["digits", "cnn", "mobilenet", "transformer"]
             .iter()
