@@ -11,7 +11,7 @@ use kiln_artifact::write::{package, PackageInput, ZSTD_LEVEL};
 use kiln_artifact::{keys, Limits, Manifest};
 use kiln_graph::inspect::human_bytes;
 use kiln_io::tract_core::prelude::*;
-use kiln_io::{Batch, InputSpec, NamedTensors};
+use kiln_io::Batch;
 
 /// `kiln keygen -o KEY`: KEY (PKCS#8 PEM, mode 0600) and KEY.pub (SPKI PEM).
 pub fn keygen(out: &Path, force: bool) -> Result<ExitCode> {
@@ -105,7 +105,7 @@ pub fn package_cmd(a: PackageArgs) -> Result<ExitCode> {
     let specs = model.input_specs()?;
     let inputs = match &a.golden_inputs {
         Some(p) => kiln_io::read_tensors(p)?,
-        None => synthetic_inputs(&specs)?,
+        None => kiln_io::data::synthetic_inputs(&specs)?,
     };
     let batch = Batch::bind(&specs, inputs.clone(), "golden inputs")?;
     let outputs = kiln_graph::run_batch(&model, &batch)?;
@@ -196,36 +196,6 @@ fn precision(model: &kiln_graph::Model) -> String {
         _ => "f32",
     }
     .into()
-}
-
-/// Deterministic golden inputs (symbolic dims set to 1): a block of 4096 pseudo-random
-/// values in [-1, 1) tiled over each tensor. Every weight still sees varied values, and the
-/// tiling lets zstd shrink the inputs to about 16 kB whatever the input size, which keeps
-/// the artifact's overhead small (a 1x3x224x224 f32 input is 602 kB raw).
-fn synthetic_inputs(specs: &[InputSpec]) -> Result<NamedTensors> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let block: Vec<f32> = (0..4096)
-        .map(|_| {
-            // xorshift64*: a fixed sequence, so the same model packages the same golden data.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32 * 2.0
-                - 1.0
-        })
-        .collect();
-    specs
-        .iter()
-        .map(|s| {
-            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = block.iter().copied().cycle().take(n).collect();
-            let t = Tensor::from_shape(&shape, &data)?
-                .cast_to_dt(s.datum_type)?
-                .into_owned();
-            Ok((s.name.clone(), t))
-        })
-        .collect()
 }
 
 /// `kiln verify app.kiln --pubkey PUB`: signature, hashes, structure, limits.

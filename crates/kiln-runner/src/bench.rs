@@ -31,7 +31,7 @@ pub fn bench(
     let specs = exec::input_specs(model)?;
     let arrays = match inputs {
         Some(a) => a,
-        None => synthetic(&specs)?,
+        None => kiln_io::data::synthetic_inputs(&specs)?,
     };
     let batch = Batch::bind(&specs, arrays, "bench inputs")?;
     let sample = batch.sample(0)?;
@@ -122,27 +122,6 @@ fn profile(plan: &Arc<TypedRunnableModel>, sample: &TVec<TValue>) -> Result<Valu
             .map(|(op, (ms, nodes))| json!({ "op": op, "nodes": nodes, "ms": ms, "share": if total > 0.0 { ms / total } else { 0.0 } }))
             .collect(),
     ))
-}
-
-/// Inputs for a model with no data given: the tiled pseudo-random block `kiln package`
-/// uses too, symbolic dims set to 1.
-fn synthetic(specs: &[kiln_io::InputSpec]) -> Result<kiln_io::NamedTensors> {
-    specs
-        .iter()
-        .map(|s| {
-            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1)).collect();
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919) % 4093) as f32 / 2046.5 - 1.0)
-                .collect();
-            Ok((
-                s.name.clone(),
-                Tensor::from_shape(&shape, &data)?
-                    .cast_to_dt(s.datum_type)?
-                    .into_owned(),
-            ))
-        })
-        .collect()
 }
 
 /// Peak resident set size (VmHWM) of this process.
