@@ -9,6 +9,7 @@ mod artifact;
 mod commands;
 mod compile;
 mod demo;
+mod optimize;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
 #[derive(Parser)]
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Run a model on the host with tract on a sample or a dataset (.npz/.npy).
     Run(commands::RunArgs),
+    /// Quantize a model (f16, int8 dynamic/static) within an accuracy budget.
+    Optimize(optimize::OptimizeArgs),
     /// Compile a model for a target: the model in runner form (NNEF) plus the runner.
     Compile(compile::CompileArgs),
     /// List the targets (targets/*.toml) and what is installed for each.
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             json,
         } => commands::inspect(&model, &input_shapes, json),
         Command::Run(args) => commands::run(args),
+        Command::Optimize(args) => optimize::optimize_cmd(args),
         Command::Compile(args) => compile::compile_cmd(args),
         Command::Targets { json } => compile::targets(json),
         Command::Keygen { out, force } => artifact::keygen(&out, force),

@@ -8,3 +8,5 @@ pub mod run;
 pub use inspect::{inspect, Inspection};
 pub use load::{load, LoadOptions, Model, ModelFormat};
 pub use run::run_batch;
+/// ONNX protobuf types (tract-onnx's prost bindings), for graph passes.
+pub use tract_onnx::pb;

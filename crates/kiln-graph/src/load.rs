@@ -169,16 +169,32 @@ fn onnx_dtype(elem_type: i32) -> (&'static str, u64) {
     }
 }
 
-fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
+/// Reads and parses an ONNX file into its protobuf form (what kiln's graph passes edit).
+pub fn read_onnx_proto(path: &Path) -> Result<pb::ModelProto> {
+    if !path.exists() {
+        bail!("model file {} does not exist", path.display());
+    }
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid ONNX model: the protobuf does not parse ({e}). \
+                 Is the file truncated or corrupted, or not an .onnx file?",
+                path.display()
+            )
+        })
+}
+
+fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
+    let proto = read_onnx_proto(path)?;
+    load_onnx_proto(&proto, path, opts)
+}
+
+/// Loads an ONNX model held in memory; `path` names it in messages and locates external
+/// data (its directory).
+pub fn load_onnx_proto(proto: &pb::ModelProto, path: &Path, opts: &LoadOptions) -> Result<Model> {
     let onnx = tract_onnx::onnx();
-    let proto: pb::ModelProto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a valid ONNX model: the protobuf does not parse ({e}). \
-             Is the file truncated or corrupted, or not an .onnx file?",
-            path.display()
-        )
-    })?;
     let Some(graph) = proto.graph.as_ref().filter(|g| !g.output.is_empty()) else {
         bail!(
             "{} is not an ONNX model: it holds no graph with outputs (is it another kind of file?)",
@@ -243,7 +259,7 @@ fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
 
     let model_dir = path.parent().and_then(|p| p.to_str());
     let mut inference = onnx
-        .parse(&proto, model_dir)
+        .parse(proto, model_dir)
         .map(|r| r.model)
         .with_context(|| format!("{}: cannot build the graph", path.display()))?;
     for (name, shape) in &opts.input_shapes {
