@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use kiln_graph::inspect::human_bytes;
 
+use crate::artifact::FlashArgs;
 use crate::commands::{load_model, read_batch, run_and_compare};
 use crate::compile::{compile, CompileArgs};
 
@@ -196,7 +197,7 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
                 with_runner: false,
                 accuracy: None,
             })?;
-            ok &= flash_cmd(&art, device, &keys, &root, false)? == ExitCode::SUCCESS;
+            ok &= flash_cmd(&flash_args(&art, device, &keys, &root))? == ExitCode::SUCCESS;
         }
         // v3, then one byte flipped in the model's compressed bytes (the last entry).
         let v3 = work.join(format!("mobilenet-{target}-v3.kiln"));
@@ -215,7 +216,7 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
         let tampered = work.join(format!("mobilenet-{target}-v3-tampered.kiln"));
         std::fs::write(&tampered, &bad)?;
         println!("   flashing v3 with one flipped byte to {device}: expect a refusal");
-        ok &= flash_cmd(&tampered, device, &keys, &root, false)? != ExitCode::SUCCESS;
+        ok &= flash_cmd(&flash_args(&tampered, device, &keys, &root))? != ExitCode::SUCCESS;
         let spec = kiln_target::find(&kiln_target::targets_dir()?, target)?;
         let runner = crate::compile::runner_for(&spec, None)?;
         let out = kiln_target::emulate::command(&spec, &runner)?
@@ -231,4 +232,15 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
     }
     println!();
     Ok(ok)
+}
+
+fn flash_args(artifact: &Path, device: &str, keys: &Path, root: &Path) -> FlashArgs {
+    FlashArgs {
+        artifact: artifact.to_path_buf(),
+        device: device.into(),
+        keys: keys.to_path_buf(),
+        root: root.to_path_buf(),
+        allow_downgrade: false,
+        device_args: Default::default(),
+    }
 }
