@@ -104,9 +104,16 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let signed = sign_and_flash(&work);
+    let benched = signed
+        .as_ref()
+        .map_or(Ok(false), |_| bench_on_devices(&dir));
     let _ = std::fs::remove_dir_all(&work);
     if !signed? {
         eprintln!("error: the artifact step did not behave as expected");
+        return Ok(ExitCode::FAILURE);
+    }
+    if !benched? {
+        eprintln!("error: benchmarking on a device failed");
         return Ok(ExitCode::FAILURE);
     }
     println!("demo ok");
@@ -243,4 +250,25 @@ fn flash_args(artifact: &Path, device: &str, keys: &Path, root: &Path) -> FlashA
         allow_downgrade: false,
         device_args: Default::default(),
     }
+}
+
+/// Step 4: `kiln bench` on `local` and `qemu-aarch64`: each device gets its target's
+/// runner, runs `kiln-runner bench` there, and the reports come back into one table.
+fn bench_on_devices(dir: &Path) -> Result<bool> {
+    println!("4. benchmark mobilenet on local and qemu-aarch64 (kiln bench: compile per device, deploy, run, collect)");
+    let code = crate::bench::bench_cmd(crate::bench::BenchArgs {
+        model: dir.join("mobilenet/model.onnx"),
+        devices: vec!["local".into(), "qemu-aarch64".into()],
+        targets: vec![],
+        iters: Some(10),
+        seconds: None,
+        warmup: Some(2),
+        inputs: Some(dir.join("mobilenet/sample.npz")),
+        input_shapes: vec![],
+        out: None,
+        json: false,
+        device: Default::default(),
+    })?;
+    println!();
+    Ok(code == ExitCode::SUCCESS)
 }
