@@ -5,5 +5,6 @@ mod support;
 mod artifact;
 mod bench;
 mod compile;
+mod device;
 mod inspect;
 mod run;

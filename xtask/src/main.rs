@@ -24,7 +24,8 @@ tasks:
   runner --target NAME [--target NAME ...] [--profile P]
                      cross-build kiln-runner into target/runners/NAME/kiln-runner
   bench size         runner size per target, by section and by crate
-  bench package      artifact verification throughput and packaging overhead
+  bench package      artifact verification throughput, packaging overhead, ResNet-18 install
+                     on local (with the bench fixtures)
   bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";

@@ -226,85 +226,89 @@ pub fn verify_cmd(artifact: &Path, pubkey: &Path, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// A device kiln can flash to from here.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Device {
-    /// This machine, running the target's runner natively.
-    Local,
-    /// qemu-user for an architecture (`qemu-aarch64`, `qemu-armv7`).
-    Qemu(String),
+/// Arguments of `kiln flash`.
+#[derive(clap::Args)]
+pub struct FlashArgs {
+    /// The .kiln artifact.
+    pub artifact: PathBuf,
+    /// Device: local, qemu-aarch64, qemu-armv7, ssh://[user@]host[:port].
+    #[arg(long)]
+    pub device: String,
+    /// Trusted public keys on the device (a folder of .pub files; a path on the device).
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// Install root on the device.
+    #[arg(long, default_value = "/var/lib/kiln")]
+    pub root: PathBuf,
+    /// Accept a version not newer than the installed one.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// How to reach the device.
+    #[command(flatten)]
+    pub device_args: crate::bench::DeviceArgs,
 }
 
-impl Device {
-    /// Parses `local`, `qemu-aarch64`, `qemu-armv7`.
-    pub fn parse(s: &str) -> Result<Device> {
-        match s {
-            "local" => Ok(Device::Local),
-            "qemu-aarch64" => Ok(Device::Qemu("aarch64".into())),
-            "qemu-armv7" | "qemu-arm" => Ok(Device::Qemu("arm".into())),
-            other if other.starts_with("ssh://") => {
-                bail!("ssh devices arrive with `kiln bench`; flash to `{other}` by copying the artifact and running `kiln-runner install` there")
-            }
-            other => bail!("unknown device `{other}`; known: local, qemu-aarch64, qemu-armv7"),
-        }
-    }
-}
-
-/// `kiln flash app.kiln --device D`: install an artifact on a device with its runner.
-pub fn flash_cmd(
-    artifact: &Path,
-    device: &str,
-    keys: &Path,
-    root: &Path,
-    allow_downgrade: bool,
-) -> Result<ExitCode> {
-    let device = Device::parse(device)?;
+/// `kiln flash app.kiln --device D`: deploy the artifact's runner and the artifact to a
+/// device, install there (verify, self-test, switch slots), print the outcome.
+pub fn flash_cmd(a: &FlashArgs) -> Result<ExitCode> {
+    let device = kiln_device::Device::parse(&a.device)?;
+    let opts = a.device_args.options()?;
     // The manifest says which target (and so which runner) the artifact is for; reading it
     // here needs no trust: the device verifies everything itself.
-    let target = peek_target(artifact)?;
+    let target = peek_target(&a.artifact)?;
     let spec = kiln_target::find(&kiln_target::targets_dir()?, &target)?;
-    match (&device, kiln_target::emulate::execution(&spec)) {
-        (Device::Local, kiln_target::emulate::Execution::Native) => {}
-        (Device::Qemu(arch), kiln_target::emulate::Execution::Emulated)
-            if *arch == spec.elf.machine => {}
-        _ => bail!(
-            "artifact is for `{target}` ({}), which device `{device:?}` cannot run",
-            spec.elf.machine
-        ),
-    }
+    let arch = device.arch(&opts)?;
+    device
+        .check_runs(&arch, &spec)
+        .with_context(|| format!("artifact {} is for `{target}`", a.artifact.display()))?;
     let runner = crate::compile::runner_for(&spec, None)?;
-    let mut cmd = kiln_target::emulate::command(&spec, &runner)?;
-    cmd.arg("install")
-        .arg(artifact)
-        .arg("--keys")
-        .arg(keys)
-        .arg("--root")
-        .arg(root);
-    if allow_downgrade {
-        cmd.arg("--allow-downgrade");
-    }
-    let out = cmd.output().context("cannot start the runner")?;
-    let report: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
-    let name = format!("{}", artifact.display());
-    match report {
-        Some(r) if out.status.success() => {
-            println!(
-                "   flashed {name} to {device:?}: {} v{} active in slot {} ({})",
-                r["name"].as_str().unwrap_or("?"),
-                r["version"],
-                r["active_slot"].as_str().unwrap_or("?"),
-                r["detail"].as_str().unwrap_or("")
-            );
-        }
+    let device_path = |p: &Path, flag: &str| -> Result<String> {
+        let p = match device {
+            kiln_device::Device::Ssh(_) if !p.is_absolute() => {
+                bail!(
+                    "--{flag} {} must be an absolute path on {device}",
+                    p.display()
+                )
+            }
+            kiln_device::Device::Ssh(_) => p.to_path_buf(),
+            _ => std::path::absolute(p)?,
+        };
+        p.to_str()
+            .map(String::from)
+            .with_context(|| format!("--{flag} {} is not UTF-8", p.display()))
+    };
+    let (keys, root) = (device_path(&a.keys, "keys")?, device_path(&a.root, "root")?);
+    let outcome = kiln_device::ops::install(
+        &device,
+        &arch,
+        &spec,
+        &opts,
+        &kiln_device::ops::InstallJob {
+            runner: &runner,
+            artifact: &a.artifact,
+            keys: &keys,
+            root: &root,
+            allow_downgrade: a.allow_downgrade,
+        },
+    )?;
+    let name = a.artifact.display();
+    match &outcome.report {
+        Some(r) if outcome.installed => println!(
+            "   flashed {name} to {device}: {} v{} active in slot {} ({})",
+            r["name"].as_str().unwrap_or("?"),
+            r["version"],
+            r["active_slot"].as_str().unwrap_or("?"),
+            r["detail"].as_str().unwrap_or("")
+        ),
         Some(r) => eprintln!(
-            "   {name} refused by {device:?} ({}): {}; active stays v{}",
+            "   {name} refused by {device} ({}): {}; active stays v{}",
             r["outcome"].as_str().unwrap_or("?"),
             r["detail"].as_str().unwrap_or("?"),
             r["active_version"]
         ),
-        None => eprint!("{}", String::from_utf8_lossy(&out.stderr)),
+        None => eprintln!("{}", outcome.finished.stderr_tail()),
     }
-    Ok(if out.status.success() {
+    Ok(if outcome.installed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

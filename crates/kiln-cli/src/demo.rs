@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use kiln_graph::inspect::human_bytes;
 
+use crate::artifact::FlashArgs;
 use crate::commands::{load_model, read_batch, run_and_compare};
 use crate::compile::{compile, CompileArgs};
 
@@ -103,9 +104,16 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let signed = sign_and_flash(&work);
+    let benched = signed
+        .as_ref()
+        .map_or(Ok(false), |_| bench_on_devices(&dir));
     let _ = std::fs::remove_dir_all(&work);
     if !signed? {
         eprintln!("error: the artifact step did not behave as expected");
+        return Ok(ExitCode::FAILURE);
+    }
+    if !benched? {
+        eprintln!("error: benchmarking on a device failed");
         return Ok(ExitCode::FAILURE);
     }
     println!("demo ok");
@@ -196,7 +204,7 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
                 with_runner: false,
                 accuracy: None,
             })?;
-            ok &= flash_cmd(&art, device, &keys, &root, false)? == ExitCode::SUCCESS;
+            ok &= flash_cmd(&flash_args(&art, device, &keys, &root))? == ExitCode::SUCCESS;
         }
         // v3, then one byte flipped in the model's compressed bytes (the last entry).
         let v3 = work.join(format!("mobilenet-{target}-v3.kiln"));
@@ -215,7 +223,7 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
         let tampered = work.join(format!("mobilenet-{target}-v3-tampered.kiln"));
         std::fs::write(&tampered, &bad)?;
         println!("   flashing v3 with one flipped byte to {device}: expect a refusal");
-        ok &= flash_cmd(&tampered, device, &keys, &root, false)? != ExitCode::SUCCESS;
+        ok &= flash_cmd(&flash_args(&tampered, device, &keys, &root))? != ExitCode::SUCCESS;
         let spec = kiln_target::find(&kiln_target::targets_dir()?, target)?;
         let runner = crate::compile::runner_for(&spec, None)?;
         let out = kiln_target::emulate::command(&spec, &runner)?
@@ -231,4 +239,36 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
     }
     println!();
     Ok(ok)
+}
+
+fn flash_args(artifact: &Path, device: &str, keys: &Path, root: &Path) -> FlashArgs {
+    FlashArgs {
+        artifact: artifact.to_path_buf(),
+        device: device.into(),
+        keys: keys.to_path_buf(),
+        root: root.to_path_buf(),
+        allow_downgrade: false,
+        device_args: Default::default(),
+    }
+}
+
+/// Step 4: `kiln bench` on `local` and `qemu-aarch64`: each device gets its target's
+/// runner, runs `kiln-runner bench` there, and the reports come back into one table.
+fn bench_on_devices(dir: &Path) -> Result<bool> {
+    println!("4. benchmark mobilenet on local and qemu-aarch64 (kiln bench: compile per device, deploy, run, collect)");
+    let code = crate::bench::bench_cmd(crate::bench::BenchArgs {
+        model: dir.join("mobilenet/model.onnx"),
+        devices: vec!["local".into(), "qemu-aarch64".into()],
+        targets: vec![],
+        iters: Some(10),
+        seconds: None,
+        warmup: Some(2),
+        inputs: Some(dir.join("mobilenet/sample.npz")),
+        input_shapes: vec![],
+        out: None,
+        json: false,
+        device: Default::default(),
+    })?;
+    println!();
+    Ok(code == ExitCode::SUCCESS)
 }

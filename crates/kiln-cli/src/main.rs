@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod artifact;
+mod bench;
 mod commands;
 mod compile;
 mod demo;
@@ -66,23 +67,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Install an artifact on a device (local, qemu-aarch64, qemu-armv7) with A/B rollback.
-    Flash {
-        /// The .kiln artifact.
-        artifact: PathBuf,
-        /// Device: local, qemu-aarch64, qemu-armv7.
-        #[arg(long)]
-        device: String,
-        /// Trusted public keys on the device (a folder of .pub files).
-        #[arg(long)]
-        keys: PathBuf,
-        /// Install root on the device.
-        #[arg(long, default_value = "/var/lib/kiln")]
-        root: PathBuf,
-        /// Accept a version not newer than the installed one.
-        #[arg(long)]
-        allow_downgrade: bool,
-    },
+    /// Install an artifact on a device (local, qemu-*, ssh://) with A/B rollback.
+    Flash(artifact::FlashArgs),
+    /// Benchmark a model on devices (local, qemu-*, ssh://) and compare their reports.
+    Bench(bench::BenchArgs),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -110,13 +98,8 @@ fn main() -> ExitCode {
             pubkey,
             json,
         } => artifact::verify_cmd(&a, &pubkey, json),
-        Command::Flash {
-            artifact: a,
-            device,
-            keys,
-            root,
-            allow_downgrade,
-        } => artifact::flash_cmd(&a, &device, &keys, &root, allow_downgrade),
+        Command::Flash(args) => artifact::flash_cmd(&args),
+        Command::Bench(args) => bench::bench_cmd(args),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {
