@@ -308,14 +308,13 @@ fn bench_once(
 /// Times every case `plan.runs` times, round-robin, each round starting with the reference
 /// (when given) so slow drifts of the machine hit both alike. With a reference, adds
 /// `<case>/latency_p50` and `latency_p90` as ratios to the reference's of the same round
-/// (unit `x ref`); without, in milliseconds. `progress` hears about each round.
+/// (unit `x ref`); without, in milliseconds.
 pub fn latency(
     out: &mut Measurement,
     runner: &dyn Fn() -> Result<Command>,
     cases: &[BenchCase],
     reference: Option<&BenchCase>,
     plan: &BenchPlan,
-    progress: &mut dyn FnMut(usize),
 ) -> Result<()> {
     if plan.runs == 0 || plan.iters == 0 {
         bail!("latency needs at least one run and one iteration per run");
@@ -327,8 +326,7 @@ pub fn latency(
         let mut p50: Vec<Vec<f64>> = vec![vec![]; cases.len()];
         let mut p90: Vec<Vec<f64>> = vec![vec![]; cases.len()];
         let mut ref_ms: Vec<(f64, f64)> = vec![];
-        for round in 0..plan.runs {
-            progress(round);
+        for _ in 0..plan.runs {
             if let Some(r) = reference {
                 let (a, b, emu) = bench_once(runner, &r.model, plan, &scratch)?;
                 out.emulated |= emu;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod artifact;
+mod check;
 mod commands;
 mod compile;
 mod demo;
@@ -80,6 +81,11 @@ enum Command {
         #[arg(long)]
         allow_downgrade: bool,
     },
+    /// Gate CI: compare sizes, latency and accuracy with a committed baseline (exit 1 on a regression).
+    Check(check::CheckArgs),
+    /// Manage the `kiln check` baseline (`kiln baseline update`).
+    #[command(subcommand)]
+    Baseline(check::BaselineCmd),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -113,6 +119,8 @@ fn main() -> ExitCode {
             root,
             allow_downgrade,
         } => artifact::flash_cmd(&a, &device, &keys, &root, allow_downgrade),
+        Command::Check(args) => check::check_cmd(args),
+        Command::Baseline(cmd) => check::baseline_cmd(cmd),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {
