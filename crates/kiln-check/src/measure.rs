@@ -307,7 +307,7 @@ fn bench_once(
 
 /// Times every case `plan.runs` times, round-robin, each round starting with the reference
 /// (when given) so slow drifts of the machine hit both alike. With a reference, adds
-/// `<case>/latency_p50` and `latency_p90` as ratios to the reference's of the same round
+/// `<case>/latency_p50` and `latency_p90` as ratios to the reference's p50 of the same round
 /// (unit `x ref`); without, in milliseconds.
 pub fn latency(
     out: &mut Measurement,
@@ -325,20 +325,22 @@ pub fn latency(
     let result = (|| {
         let mut p50: Vec<Vec<f64>> = vec![vec![]; cases.len()];
         let mut p90: Vec<Vec<f64>> = vec![vec![]; cases.len()];
-        let mut ref_ms: Vec<(f64, f64)> = vec![];
+        let mut ref_ms: Vec<f64> = vec![];
         for _ in 0..plan.runs {
             if let Some(r) = reference {
-                let (a, b, emu) = bench_once(runner, &r.model, plan, &scratch)?;
+                let (a, _, emu) = bench_once(runner, &r.model, plan, &scratch)?;
                 out.emulated |= emu;
-                ref_ms.push((a, b));
+                ref_ms.push(a);
             }
             for (i, c) in cases.iter().enumerate() {
                 let (a, b, emu) = bench_once(runner, &c.model, plan, &scratch)
                     .with_context(|| format!("timing `{}`", c.name))?;
                 out.emulated |= emu;
-                let (d50, d90) = ref_ms.last().copied().unwrap_or((1.0, 1.0));
-                p50[i].push(a / d50);
-                p90[i].push(b / d90);
+                // Both percentiles over the reference's median: its p50 is the machine's
+                // speed in this round; its p90 would add the reference's own spikes.
+                let speed = ref_ms.last().copied().unwrap_or(1.0);
+                p50[i].push(a / speed);
+                p90[i].push(b / speed);
             }
         }
         let unit = if reference.is_some() { "x ref" } else { "ms" };
@@ -356,7 +358,7 @@ pub fn latency(
         }
         out.runs = plan.runs;
         out.reference = reference.map(|r| r.name.clone());
-        out.reference_ms = ref_ms.iter().map(|r| r.0).collect();
+        out.reference_ms = ref_ms;
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);

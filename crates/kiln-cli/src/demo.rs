@@ -108,6 +108,10 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         eprintln!("error: the artifact step did not behave as expected");
         return Ok(ExitCode::FAILURE);
     }
+    if !gate(&dir)? {
+        eprintln!("error: kiln check found regressions against the shipped baseline");
+        return Ok(ExitCode::FAILURE);
+    }
     println!("demo ok");
     Ok(ExitCode::SUCCESS)
 }
@@ -231,4 +235,21 @@ fn sign_and_flash(work: &Path) -> Result<bool> {
     }
     println!();
     Ok(ok)
+}
+
+/// Step 4: `kiln check` against the baseline shipped with the fixtures (sizes, accuracy, and
+/// latency as a ratio to a reference model); true when within budget.
+fn gate(dir: &Path) -> Result<bool> {
+    let baseline = dir.join("kiln-baseline.json");
+    println!(
+        "\n4. kiln check against the shipped baseline {} (the CI regression gate)",
+        baseline.display()
+    );
+    crate::check::check(
+        &baseline,
+        None,
+        None,
+        &crate::check::MeasureArgs::default(),
+        kiln_check::format::Format::Table,
+    )
 }
