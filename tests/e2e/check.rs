@@ -33,11 +33,12 @@ fn json_of(r: &Run) -> Value {
 fn check_catches_bigger_and_slower_models_and_passes_the_same_one() {
     let dir = tempfile::tempdir().unwrap();
     let baseline = dir.path().join("kiln-baseline.json");
-    // Latency budget widened for a shared, noisy test machine: the slow variant is 9x.
+    // Latency budget widened for a shared, noisy test machine (the slow variant is 9x); the
+    // p90 of a few runs there measures the scheduler's preemptions, so it is reported only.
     let budgets = dir.path().join("budgets.toml");
     std::fs::write(
         &budgets,
-        "noise_sigmas = 3\n[budgets]\nlatency = \"+30%\"\n",
+        "noise_sigmas = 3\n[budgets]\nlatency = \"+30%\"\nlatency_p90 = \"off\"\n",
     )
     .unwrap();
     let reference = check_fixture("reference.onnx");
@@ -114,6 +115,7 @@ fn check_catches_bigger_and_slower_models_and_passes_the_same_one() {
     assert_eq!(slow.code, 1, "{}\n{}", slow.stdout, slow.stderr);
     let j = json_of(&slow);
     assert_eq!(status(&j, "net/latency_p50"), "regressed");
+    assert_eq!(status(&j, "net/latency_p90"), "ungated");
     assert_eq!(status(&j, "net/model_bytes"), "ok");
     let row = j["metrics"]
         .as_array()

@@ -117,7 +117,7 @@ pub fn check_cmd(args: CheckArgs) -> Result<ExitCode> {
         if args.measure_only {
             let base = args.baseline.as_deref().map(read_baseline).transpose()?;
             let spec = resolve_spec(&args.measure, base.as_ref(), args.baseline.as_deref())?;
-            let m = take_measurement(&spec)?;
+            let m = take_measurement(&spec, args.measure.runner.as_deref())?;
             let text = serde_json::to_string_pretty(&m)? + "\n";
             match &args.out {
                 Some(p) => {
@@ -168,7 +168,10 @@ pub fn check(
             }
             Measurement::read(c)?
         }
-        None => take_measurement(&resolve_spec(measure_args, Some(&base), Some(path))?)?,
+        None => take_measurement(
+            &resolve_spec(measure_args, Some(&base), Some(path))?,
+            measure_args.runner.as_deref(),
+        )?,
     };
     let cmp = compare(&base.measurement, &cur, &budgets);
     if let Some(problem) = cmp.input_problems() {
@@ -224,7 +227,7 @@ fn update(
         ),
         None => {
             let spec = resolve_spec(args, old.as_ref(), Some(path))?;
-            let m = take_measurement(&spec)?;
+            let m = take_measurement(&spec, args.runner.as_deref())?;
             let stored = if has_measure_args(args) {
                 Some(relative_spec(&spec, path)?)
             } else {
@@ -457,7 +460,7 @@ fn relative_path(path: &Path, base: &Path) -> PathBuf {
 
 /// Measures everything `spec` names: model sizes (source and runner form), accuracy, the
 /// runner's size by ELF section, artifact sizes, and latency (reference interleaved).
-fn take_measurement(spec: &MeasureSpec) -> Result<Measurement> {
+fn take_measurement(spec: &MeasureSpec, runner: Option<&Path>) -> Result<Measurement> {
     if spec.models.is_empty() && spec.artifacts.is_empty() {
         bail!("nothing to measure: no models and no artifacts");
     }
@@ -482,7 +485,7 @@ fn take_measurement(spec: &MeasureSpec) -> Result<Measurement> {
         if spec.models.is_empty() {
             return Ok(m.clone());
         }
-        let runner = runner_for(&target, None)?;
+        let runner = runner_for(&target, runner)?;
         measure::elf_sizes(&mut m, &format!("runner-{}", target.name), &runner)?;
         if !spec.no_latency {
             let reference = match &spec.reference {
