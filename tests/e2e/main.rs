@@ -4,6 +4,7 @@ mod support;
 
 mod artifact;
 mod bench;
+mod check;
 mod compile;
 mod device;
 mod inspect;

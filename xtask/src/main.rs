@@ -16,7 +16,7 @@ usage: cargo xtask <task>
 tasks:
   demo               setup-cross, then `cargo run --release -p kiln -- demo` (the README's first command)
   ci                 setup-cross, fmt --check, clippy -D warnings, the runners the tests use,
-                     the whole test suite (what .ci/run calls)
+                     the whole test suite, `kiln check` on the fixtures (what .ci/run calls)
   fixtures [--bench] regenerate the committed fixtures; --bench writes the 224x224
                      benchmark models into fixtures/bench/ (Python venv made by xtask)
   setup-cross        install what the targets need (rustup targets, cross gcc, qemu-user),
@@ -114,6 +114,13 @@ fn ci(root: &Path) -> Result<()> {
     }
     cross::runners(root, &args)?;
     let (passed, failed) = test_counting(cargo().args(["test", "--workspace"]))?;
+    // The regression gate on the fixtures (docs/ci.md): sizes, accuracy, and latency as a
+    // ratio to fixtures/check/reference.onnx under the noise rule.
+    let gate = std::time::Instant::now();
+    sh(cargo()
+        .args(["run", "--quiet", "--package", "kiln", "--", "check"])
+        .args(["--baseline", "fixtures/kiln-baseline.json"]))?;
+    eprintln!("kiln check: {:.1}s", gate.elapsed().as_secs_f64());
     fuzz::fuzz(root, &["--seconds".into(), "20".into()])?;
     eprintln!("xtask ci: all green in {:.0}s", t0.elapsed().as_secs_f64());
     println!("{passed} passed, {failed} failed");

@@ -141,7 +141,8 @@ pub fn compile(args: &CompileArgs) -> Result<CompileReport> {
     Ok(report)
 }
 
-fn model_stem(path: &Path) -> String {
+/// A model's short name: its file stem, or its folder's name for `.../NAME/model.onnx`.
+pub fn model_stem(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -116,6 +116,10 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         eprintln!("error: benchmarking on a device failed");
         return Ok(ExitCode::FAILURE);
     }
+    if !gate(&dir)? {
+        eprintln!("error: kiln check found regressions against the shipped baseline");
+        return Ok(ExitCode::FAILURE);
+    }
     println!("demo ok");
     Ok(ExitCode::SUCCESS)
 }
@@ -271,4 +275,21 @@ fn bench_on_devices(dir: &Path) -> Result<bool> {
     })?;
     println!();
     Ok(code == ExitCode::SUCCESS)
+}
+
+/// Step 5: `kiln check` against the baseline shipped with the fixtures (sizes, accuracy, and
+/// latency as a ratio to a reference model); true when within budget.
+fn gate(dir: &Path) -> Result<bool> {
+    let baseline = dir.join("kiln-baseline.json");
+    println!(
+        "\n5. kiln check against the shipped baseline {} (the CI regression gate)",
+        baseline.display()
+    );
+    crate::check::check(
+        &baseline,
+        None,
+        None,
+        &crate::check::MeasureArgs::default(),
+        kiln_check::format::Format::Table,
+    )
 }

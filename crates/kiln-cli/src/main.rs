@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod artifact;
 mod bench;
+mod check;
 mod commands;
 mod compile;
 mod demo;
@@ -71,6 +72,11 @@ enum Command {
     Flash(artifact::FlashArgs),
     /// Benchmark a model on devices (local, qemu-*, ssh://) and compare their reports.
     Bench(bench::BenchArgs),
+    /// Gate CI: compare sizes, latency and accuracy with a committed baseline (exit 1 on a regression).
+    Check(check::CheckArgs),
+    /// Manage the `kiln check` baseline (`kiln baseline update`).
+    #[command(subcommand)]
+    Baseline(check::BaselineCmd),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -100,6 +106,8 @@ fn main() -> ExitCode {
         } => artifact::verify_cmd(&a, &pubkey, json),
         Command::Flash(args) => artifact::flash_cmd(&args),
         Command::Bench(args) => bench::bench_cmd(args),
+        Command::Check(args) => check::check_cmd(args),
+        Command::Baseline(cmd) => check::baseline_cmd(cmd),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {
