@@ -8,4 +8,5 @@ mod check;
 mod compile;
 mod device;
 mod inspect;
+mod optimize;
 mod run;

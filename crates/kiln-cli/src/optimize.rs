@@ -32,7 +32,7 @@ pub struct OptimizeArgs {
     pub eval: Option<PathBuf>,
     /// Largest accepted accuracy drop in points; layers go back to f32 by sensitivity until
     /// it holds (needs --eval).
-    #[arg(long, value_name = "PTS")]
+    #[arg(long, value_name = "PTS", allow_negative_numbers = true)]
     pub max_accuracy_drop: Option<f64>,
     /// Keep this layer (ONNX node name) in f32. Repeatable.
     #[arg(long = "keep-f32", value_name = "NODE")]

@@ -1,0 +1,349 @@
+//! `kiln optimize`: int8 static/dynamic and f16 on the fixtures (accuracy, ops, runner
+//! form), the accuracy budget, and every bad input the quantization issue lists.
+
+use std::path::Path;
+
+use kiln_io::tract_core::prelude::*;
+
+use crate::support::*;
+
+/// Runs `kiln optimize` on fixture `name` with `extra` arguments, writing into `dir`;
+/// returns the kiln.optimize/1 report.
+fn check(dir: &Path, name: &str, precision: &str, extra: &[&str]) -> serde_json::Value {
+    let out = dir.join(format!("{name}.{precision}.nnef.tar"));
+    let mut args: Vec<Box<dyn AsRefOsStr>> = vec![
+        Box::new("optimize"),
+        Box::new(fixture(name, "model.onnx")),
+        Box::new("-o"),
+        Box::new(out.clone()),
+        Box::new("--quantize"),
+        Box::new(precision.to_string()),
+        Box::new("--eval"),
+        Box::new(fixture(name, "data.npz")),
+        Box::new("--json"),
+    ];
+    for e in extra {
+        args.push(Box::new(e.to_string()));
+    }
+    let refs: Vec<&dyn AsRefOsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let report = kiln(&refs).json();
+    assert_eq!(report["schema"], "kiln.optimize/1");
+    // The runner form reloads through kiln's NNEF dialect (what the device runner reads)
+    // and agrees with the report's accuracy on the same data.
+    let run = kiln(&[
+        &"run",
+        &out,
+        &"--inputs",
+        &fixture(name, "sample.npz"),
+        &"--json",
+    ])
+    .json();
+    assert!(
+        run["outputs"].as_array().is_some_and(|o| !o.is_empty()),
+        "{run}"
+    );
+    report
+}
+
+fn ops(report: &serde_json::Value) -> Vec<String> {
+    report["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o[0].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn int8_static_keeps_digits_accuracy_and_computes_in_int8() {
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["minmax", "percentile", "entropy"] {
+        let calib = fixture("digits", "calib.npz");
+        let r = check(
+            tmp.path(),
+            "digits",
+            "int8-static",
+            &["--calib", calib.to_str().unwrap(), "--calibration", method],
+        );
+        let acc = &r["accuracy"];
+        assert_eq!(acc["metric"], "top1");
+        assert!(
+            (acc["reference"].as_f64().unwrap() - 96.94).abs() < 0.01,
+            "{acc}"
+        );
+        assert!(acc["drop"].as_f64().unwrap() <= 0.5, "{method}: {acc}");
+        assert!(
+            r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["precision"] == "int8"),
+            "{r:#}"
+        );
+        // Integer matmuls: the activations are quantized in the graph tract runs.
+        assert!(
+            ops(&r).iter().any(|o| o.starts_with("QuantizeLinear")),
+            "{:?}",
+            ops(&r)
+        );
+    }
+}
+
+#[test]
+fn int8_static_mobilenet_folds_bn_quantizes_convs_and_keeps_depthwise_for_speed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = fixture("mobilenet", "calib.npz");
+    let r = check(
+        tmp.path(),
+        "mobilenet",
+        "int8-static",
+        &["--calib", calib.to_str().unwrap()],
+    );
+    assert!(!r["folded_batch_norms"].as_array().unwrap().is_empty());
+    assert!(
+        r["accuracy"]["cosine"].as_f64().unwrap() > 0.99,
+        "{}",
+        r["accuracy"]
+    );
+    let layers = r["layers"].as_array().unwrap();
+    let int8 = layers.iter().filter(|l| l["precision"] == "int8").count();
+    assert!(int8 >= 15, "{int8} int8 layers");
+    for l in layers
+        .iter()
+        .filter(|l| l["name"].as_str().unwrap().contains("/dw/"))
+    {
+        assert_eq!(l["precision"], "f32", "{l}");
+        assert!(
+            l["kept_reason"].as_str().unwrap().starts_with("speed"),
+            "{l}"
+        );
+    }
+    let out = r["size"]["output"].as_u64().unwrap();
+    let src = r["size"]["source_onnx"].as_u64().unwrap();
+    assert!(out * 10 < src * 6, "int8 NNEF {out} vs fp32 ONNX {src}");
+}
+
+#[test]
+fn f16_and_int8_dynamic_stay_close_to_fp32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = check(tmp.path(), "mobilenet", "f16", &[]);
+    assert!(
+        r["accuracy"]["cosine"].as_f64().unwrap() > 0.9999,
+        "{}",
+        r["accuracy"]
+    );
+    assert!(
+        r["size"]["output"].as_u64().unwrap() < r["size"]["source_onnx"].as_u64().unwrap() * 7 / 10
+    );
+    let r = check(tmp.path(), "transformer", "int8-dynamic", &[]);
+    assert!(
+        r["accuracy"]["cosine"].as_f64().unwrap() > 0.99,
+        "{}",
+        r["accuracy"]
+    );
+    assert!(
+        ops(&r).iter().any(|o| o == "Abs"),
+        "run-time activation scales: {:?}",
+        ops(&r)
+    );
+    // Conv layers are left in f32 by int8-dynamic, and the report says so.
+    let r = check(tmp.path(), "cnn", "int8-dynamic", &[]);
+    assert!(
+        r["notes"].to_string().contains("Conv layers in f32"),
+        "{}",
+        r["notes"]
+    );
+}
+
+#[test]
+fn accuracy_budget_returns_sensitive_layers_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = fixture("mobilenet", "calib.npz");
+    let free = check(
+        tmp.path(),
+        "mobilenet",
+        "int8-static",
+        &["--calib", calib.to_str().unwrap()],
+    );
+    let full_drop = free["accuracy"]["drop"].as_f64().unwrap();
+    assert!(
+        full_drop > 0.02,
+        "fixture too easy for this test: drop {full_drop}"
+    );
+    let budget = full_drop / 3.0;
+    let r = check(
+        tmp.path(),
+        "mobilenet",
+        "int8-static",
+        &[
+            "--calib",
+            calib.to_str().unwrap(),
+            "--max-accuracy-drop",
+            &budget.to_string(),
+        ],
+    );
+    assert!(
+        r["accuracy"]["drop"].as_f64().unwrap() <= budget,
+        "{}",
+        r["accuracy"]
+    );
+    let by_budget: Vec<_> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["kept_reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("accuracy budget"))
+        })
+        .collect();
+    assert!(!by_budget.is_empty(), "{r:#}");
+    // Every layer the search could choose has a measured sensitivity.
+    for l in r["layers"].as_array().unwrap() {
+        let for_speed = l["kept_reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("speed"));
+        assert!(for_speed || l["sensitivity"].is_number(), "{l}");
+    }
+}
+
+/// A model with no quantizable layer: a single Relu.
+fn relu_model(path: &Path) {
+    use kiln_graph::pb::*;
+    let vi = |name: &str| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: [1, 4]
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            name: "relu".into(),
+            node: vec![kiln_opt::onnx::node("Relu", "relu", &["x"], &["y"])],
+            input: vec![vi("x")],
+            output: vec![vi("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, kiln_opt::onnx::to_bytes(&model)).unwrap();
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.nnef.tar");
+    let model = fixture("digits", "model.onnx");
+    let calib = fixture("digits", "calib.npz");
+    let eval = fixture("digits", "data.npz");
+    let optimize = |extra: &[&dyn AsRefOsStr]| {
+        let mut args: Vec<&dyn AsRefOsStr> = vec![&"optimize", &model, &"-o", &out];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let wrong_name = tmp.path().join("wrong_name.npz");
+    write_npz(
+        &wrong_name,
+        vec![("pixels", Tensor::zero::<f32>(&[4, 1, 64]).unwrap())],
+    );
+    let wrong_shape = tmp.path().join("wrong_shape.npz");
+    write_npz(
+        &wrong_shape,
+        vec![("input", Tensor::zero::<f32>(&[4, 1, 63]).unwrap())],
+    );
+    let empty = tmp.path().join("empty.npz");
+    write_npz(
+        &empty,
+        vec![("input", Tensor::zero::<f32>(&[0, 1, 64]).unwrap())],
+    );
+    let nan = tmp.path().join("nan.npz");
+    let mut values = vec![0f32; 128];
+    values[5] = f32::NAN;
+    let t = Tensor::from_shape(&[2, 1, 64], &values).unwrap();
+    write_npz(&nan, vec![("input", t)]);
+    let relu = tmp.path().join("relu.onnx");
+    relu_model(&relu);
+
+    optimize(&[&"--quantize", &"int8-static"]).fails_with(&["--calib"]);
+    optimize(&[&"--quantize", &"int4"]).fails_with(&["unknown precision", "int8-static"]);
+    optimize(&[&"--quantize", &"int8-static", &"--calib", &wrong_name])
+        .fails_with(&["wrong_name.npz", "input"]);
+    optimize(&[&"--quantize", &"int8-static", &"--calib", &wrong_shape])
+        .fails_with(&["wrong_shape.npz"]);
+    optimize(&[&"--quantize", &"int8-static", &"--calib", &empty])
+        .fails_with(&["empty.npz", "no sample"]);
+    optimize(&[&"--quantize", &"int8-static", &"--calib", &nan]).fails_with(&["nan.npz", "NaN"]);
+    optimize(&[
+        &"--quantize",
+        &"int8-static",
+        &"--calib",
+        &calib,
+        &"--eval",
+        &eval,
+        &"--max-accuracy-drop",
+        &"-1",
+    ])
+    .fails_with(&["--max-accuracy-drop", "≥ 0"]);
+    optimize(&[
+        &"--quantize",
+        &"int8-static",
+        &"--calib",
+        &calib,
+        &"--max-accuracy-drop",
+        &"1",
+    ])
+    .fails_with(&["needs --eval"]);
+    optimize(&[
+        &"--quantize",
+        &"int8-static",
+        &"--calib",
+        &calib,
+        &"--keep-f32",
+        &"nope",
+    ])
+    .fails_with(&["nope", "fc1"]);
+    optimize(&[
+        &"--quantize",
+        &"int8-static",
+        &"--calib",
+        &calib,
+        &"--calibration",
+        &"kl",
+    ])
+    .fails_with(&["unknown calibration method"]);
+    let r = kiln(&[
+        &"optimize",
+        &relu,
+        &"-o",
+        &out,
+        &"--quantize",
+        &"int8-dynamic",
+    ]);
+    r.fails_with(&["nothing to quantize", "unchanged"]);
+    assert!(!out.exists(), "a failed optimize left {}", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".npz") && !n.ends_with(".onnx"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial files: {leftovers:?}");
+}
