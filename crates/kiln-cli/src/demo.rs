@@ -98,6 +98,10 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let work = std::env::temp_dir().join(format!("kiln-demo-{}", std::process::id()));
+    if !quantize(&dir, &work)? {
+        eprintln!("error: quantization missed its accuracy budget");
+        return Ok(ExitCode::FAILURE);
+    }
     ok &= compile_and_run(&dir, &work)?;
     if !ok {
         eprintln!("error: a compiled runner disagrees with host inference");
@@ -122,6 +126,46 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
     }
     println!("demo ok");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Step 1b: int8-static quantization of the trained digits classifier within a 0.5-point
+/// top-1 budget, and int8-dynamic on the transformer block (cosine to fp32).
+fn quantize(dir: &Path, work: &Path) -> Result<bool> {
+    println!("1b. quantize: digits to int8 (static, entropy calibration, 0.5-point budget), transformer to int8 (dynamic)");
+    std::fs::create_dir_all(work)?;
+    let mut ok = true;
+    for (name, precision, calib) in [
+        ("digits", "int8-static", true),
+        ("transformer", "int8-dynamic", false),
+    ] {
+        let opts = kiln_opt::optimize::Options {
+            precision: kiln_opt::optimize::Precision::parse(precision)?,
+            calib: calib.then(|| dir.join(name).join("calib.npz")),
+            method: kiln_opt::calib::Method::Entropy,
+            eval: Some(dir.join(name).join("data.npz")),
+            max_drop: Some(0.5),
+            keep_f32: vec![],
+            load: Default::default(),
+            progress: false,
+            int8_everywhere: false,
+        };
+        let done = kiln_opt::optimize::optimize(&dir.join(name).join("model.onnx"), &opts)?;
+        let bytes = kiln_graph::nnef::to_nnef_bytes(&done.model)?;
+        kiln_io::fsutil::write_atomic(&work.join(format!("{name}.{precision}.nnef.tar")), &bytes)?;
+        let r = &done.report;
+        let src = r.size.get("source_onnx").copied().unwrap_or(1);
+        let zstd = zstd::bulk::compress(&bytes, 19)?.len() as u64;
+        let int8 = r.layers.iter().filter(|l| l.precision == "int8").count();
+        if let Some(a) = &r.accuracy {
+            println!(
+                "   {name:<12} {precision:<13} {int8}/{} layers int8, {} {:.2} → {:.2} (drop {:.2}), zstd size {:.2}x of the fp32 ONNX",
+                r.layers.len(), a.metric, a.reference, a.optimized, a.drop, zstd as f64 / src as f64
+            );
+            ok &= a.drop <= 0.5;
+        }
+    }
+    println!();
+    Ok(ok)
 }
 
 /// Step 2: compile the mobilenet fixture for the host and for aarch64 (single-file
