@@ -102,6 +102,8 @@ pub struct LayerReport {
     pub sensitivity: Option<f64>,
     /// Why the layer is in f32, when it is.
     pub kept_reason: Option<String>,
+    /// Weight scales of an int8 conv: `per-tensor` or `per-channel`.
+    pub weights: Option<quant::Granularity>,
 }
 
 /// Host latency of one inference (median of a few runs, 1 thread), reference vs optimized.
@@ -567,8 +569,17 @@ pub fn optimize(path: &Path, opts: &Options) -> Result<Optimized> {
                 .iter()
                 .find(|(n, _)| n == &l.name)
                 .map(|(_, r)| r.clone()),
+            weights: None,
         })
-        .collect();
+        .collect::<Vec<LayerReport>>();
+    let mut layers = layers;
+    if opts.precision == Precision::Int8Static {
+        for (lr, l) in layers.iter_mut().zip(&candidates) {
+            if lr.precision == "int8" {
+                lr.weights = quant::conv_granularity(&proto, l)?;
+            }
+        }
+    }
     let report = Report {
         schema: "kiln.optimize/1",
         model: path.display().to_string(),
