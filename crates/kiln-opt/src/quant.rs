@@ -231,29 +231,38 @@ pub enum Granularity {
     PerChannel,
 }
 
-/// Relative L2 error of symmetric int8 quantization of `data` with `scales` over `rows`.
-fn quant_error(data: &[f32], rows: usize) -> f32 {
-    let per = data.len() / rows.max(1);
-    let (q, s) = quantize_symmetric(data, rows, per, true);
-    let (mut err, mut norm) = (0f64, 0f64);
-    for (i, (&v, &qv)) in data.iter().zip(&q).enumerate() {
-        let d = v as f64 - qv as f64 * s[i / per.max(1)] as f64;
-        err += d * d;
-        norm += (v as f64) * (v as f64);
-    }
-    if norm == 0.0 {
-        0.0
+/// Worst per-output-channel relative L2 error of symmetric int8 quantization of `data`
+/// (`out_channels` rows) when scaled with one scale per `scale_rows` rows-group (1: per
+/// tensor, `out_channels`: per channel).
+fn worst_channel_error(data: &[f32], out_channels: usize, per_channel: bool) -> f32 {
+    let per = data.len() / out_channels.max(1);
+    let (q, s) = if per_channel {
+        quantize_symmetric(data, out_channels, per, true)
     } else {
-        (err / norm).sqrt() as f32
+        let (q, s) = quantize_symmetric(data, 1, data.len(), true);
+        (q, vec![s[0]; out_channels])
+    };
+    let mut worst = 0f32;
+    for c in 0..out_channels {
+        let (mut err, mut norm) = (0f64, 0f64);
+        for k in c * per..(c + 1) * per {
+            let d = data[k] as f64 - q[k] as f64 * s[c] as f64;
+            err += d * d;
+            norm += data[k] as f64 * data[k] as f64;
+        }
+        if norm > 0.0 {
+            worst = worst.max((err / norm).sqrt() as f32);
+        }
     }
+    worst
 }
 
-/// Per-tensor weights when they cost little accuracy (relative error below 2%, or within
-/// 1.5x of per-channel's), else per-channel.
+/// Per-tensor weights when no output channel loses much to them (worst channel's relative
+/// error below 3%, or within 1.5x of per-channel's), else per-channel.
 pub fn weight_granularity(data: &[f32], out_channels: usize) -> Granularity {
-    let pt = quant_error(data, 1);
-    let pc = quant_error(data, out_channels);
-    if pt <= 0.02 || pt <= 1.5 * pc {
+    let pt = worst_channel_error(data, out_channels, false);
+    let pc = worst_channel_error(data, out_channels, true);
+    if pt <= 0.03 || pt <= 1.5 * pc {
         Granularity::PerTensor
     } else {
         Granularity::PerChannel
