@@ -243,10 +243,10 @@ fn worst_channel_error(data: &[f32], out_channels: usize, per_channel: bool) -> 
         (q, vec![s[0]; out_channels])
     };
     let mut worst = 0f32;
-    for c in 0..out_channels {
+    for (c, &scale) in s.iter().enumerate().take(out_channels) {
         let (mut err, mut norm) = (0f64, 0f64);
         for k in c * per..(c + 1) * per {
-            let d = data[k] as f64 - q[k] as f64 * s[c] as f64;
+            let d = data[k] as f64 - q[k] as f64 * scale as f64;
             err += d * d;
             norm += data[k] as f64 * data[k] as f64;
         }
