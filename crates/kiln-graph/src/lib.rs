@@ -3,6 +3,7 @@
 pub mod inspect;
 pub mod load;
 pub mod nnef;
+pub mod prequant;
 pub mod run;
 
 pub use inspect::{inspect, Inspection};

@@ -194,6 +194,11 @@ fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
 /// Loads an ONNX model held in memory; `path` names it in messages and locates external
 /// data (its directory).
 pub fn load_onnx_proto(proto: &pb::ModelProto, path: &Path, opts: &LoadOptions) -> Result<Model> {
+    if crate::prequant::needs_rewrite(proto) {
+        let mut rewritten = proto.clone();
+        crate::prequant::rewrite(&mut rewritten);
+        return load_onnx_proto(&rewritten, path, opts);
+    }
     let onnx = tract_onnx::onnx();
     let Some(graph) = proto.graph.as_ref().filter(|g| !g.output.is_empty()) else {
         bail!(
