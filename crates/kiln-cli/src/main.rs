@@ -9,6 +9,7 @@ mod artifact;
 mod commands;
 mod compile;
 mod demo;
+mod prune;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
 #[derive(Parser)]
@@ -80,6 +81,12 @@ enum Command {
         #[arg(long)]
         allow_downgrade: bool,
     },
+    // --- pruning (issue #3); `optimize` is to be merged with the quantizer's flags ---
+    /// Optimize a model: prune it (--prune), write ONNX or kiln's NNEF form.
+    Optimize(prune::OptimizeArgs),
+    /// Per-layer pruning sensitivity on an evaluation set: table, JSON, SVG chart.
+    PruneScan(prune::ScanArgs),
+    // --- end pruning ---
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -114,6 +121,8 @@ fn main() -> ExitCode {
             allow_downgrade,
         } => artifact::flash_cmd(&a, &device, &keys, &root, allow_downgrade),
         Command::Demo { fixtures } => demo::demo(fixtures),
+        Command::Optimize(args) => prune::optimize_cmd(args),
+        Command::PruneScan(args) => prune::scan_cmd(args),
     };
     match result {
         Ok(code) => code,

@@ -171,6 +171,12 @@ fn onnx_dtype(elem_type: i32) -> (&'static str, u64) {
 
 fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    load_onnx_bytes(&bytes, path, opts)
+}
+
+/// Loads an ONNX model from memory (e.g. a pass's output); `path` names it in messages and
+/// its parent folder resolves external data.
+pub fn load_onnx_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
     let onnx = tract_onnx::onnx();
     let proto: pb::ModelProto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(|e| {
         anyhow::anyhow!(
