@@ -6,4 +6,5 @@ mod artifact;
 mod bench;
 mod compile;
 mod inspect;
+mod prune;
 mod run;

@@ -9,6 +9,8 @@ pub mod report;
 pub mod scan;
 pub mod spec;
 pub mod tensor;
+#[cfg(test)]
+mod tests;
 
 use anyhow::{bail, Result};
 use kiln_io::NamedTensors;

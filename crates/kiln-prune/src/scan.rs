@@ -58,6 +58,14 @@ pub fn scan(
     data: &NamedTensors,
     origin: &str,
 ) -> Result<ScanReport> {
+    let graph = crate::graph::graph_of(model)?;
+    let ix = crate::graph::Index::new(graph);
+    let layers = crate::graph::layers(&ix);
+    if layers.is_empty() {
+        anyhow::bail!(
+            "the model has nothing to prune: no Conv, Gemm or MatMul node with an f32 weight initializer"
+        );
+    }
     let bytes = eval::encode(model);
     let original = eval::load(&bytes, "the original model")?;
     let (ref_out, acc, samples) = eval::run(&original, data, origin)?;
@@ -70,14 +78,6 @@ pub fn scan(
         (None, Some(_)) => "top1_agreement",
         _ => "cosine",
     };
-    let graph = crate::graph::graph_of(model)?;
-    let ix = crate::graph::Index::new(graph);
-    let layers = crate::graph::layers(&ix);
-    if layers.is_empty() {
-        anyhow::bail!(
-            "the model has nothing to prune: no Conv, Gemm or MatMul node with an f32 weight initializer"
-        );
-    }
     let mut rows = vec![];
     for l in &layers {
         let mut values = vec![];
