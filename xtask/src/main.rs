@@ -26,6 +26,7 @@ tasks:
   bench size         runner size per target, by section and by crate
   bench package      artifact verification throughput and packaging overhead
   bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
+  bench prune        structured/unstructured pruning: latency, MACs, sizes, digits accuracy
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 
