@@ -347,3 +347,50 @@ fn bad_inputs_fail_cleanly_and_write_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "partial files: {leftovers:?}");
 }
+
+#[test]
+fn prune_then_quantize_in_one_command_within_one_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("digits.pq.nnef.tar");
+    let (model, calib, eval) = (
+        fixture("digits", "model.onnx"),
+        fixture("digits", "calib.npz"),
+        fixture("digits", "data.npz"),
+    );
+    let base: Vec<&dyn AsRefOsStr> = vec![
+        &"optimize",
+        &model,
+        &"-o",
+        &out,
+        &"--quantize",
+        &"int8-static",
+        &"--calib",
+        &calib,
+        &"--eval",
+        &eval,
+        &"--max-accuracy-drop",
+        &"1.0",
+    ];
+    let mut args = base.clone();
+    args.extend_from_slice(&[
+        &"--prune",
+        &"magnitude:0.3",
+        &"--prune-skip",
+        &"none",
+        &"--json",
+    ]);
+    let r = kiln(&args).json();
+    assert_eq!(r["prune"]["schema"], "kiln.prune/1", "{r:#}");
+    assert!(
+        r["accuracy"]["drop"].as_f64().unwrap() <= 1.0,
+        "{}",
+        r["accuracy"]
+    );
+    assert!(out.exists());
+    std::fs::remove_file(&out).unwrap();
+    // 90% of every weight gone: pruning alone breaks the budget; nothing is written.
+    let mut args = base.clone();
+    args.extend_from_slice(&[&"--prune", &"magnitude:0.9", &"--prune-skip", &"none"]);
+    kiln(&args).fails_with(&["pruning alone drops", "budget"]);
+    assert!(!out.exists());
+}

@@ -14,7 +14,8 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("size") => size(root),
         Some("package") => package(root),
         Some("runtime") => runtime(root),
-        _ => bail!("usage: cargo xtask bench size|package|runtime"),
+        Some("prune") => prune(root),
+        _ => bail!("usage: cargo xtask bench size|package|runtime|prune"),
     }
 }
 
@@ -331,5 +332,164 @@ fn runtime(root: &Path) -> Result<()> {
         )?,
     )?;
     println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+/// `kiln-runner bench` p50 latency (ms) of an NNEF model, one round.
+fn runner_p50(runner: &Path, nnef: &Path, sample: &Path, report: &Path) -> Result<f64> {
+    crate::sh(
+        std::process::Command::new(runner)
+            .arg("bench")
+            .arg("--model")
+            .arg(nnef)
+            .arg("--inputs")
+            .arg(sample)
+            .args(["--iters", "20", "--warmup", "3", "--json"])
+            .arg(report),
+    )?;
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    j["latency_ms"]["p50"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("{}: no latency_ms.p50", report.display()))
+}
+
+/// Pruning: 30% structured MobileNetV2-224 (latency vs unpruned through the release-built
+/// runner, alternating rounds, MACs, sizes), 50% unstructured ResNet-18-224 (zstd size vs
+/// the fp32 ONNX; int8 awaits the quantizer), digits accuracy per sparsity. Writes
+/// `target/bench/prune.json`.
+fn prune(root: &Path) -> Result<()> {
+    use std::process::Command;
+    let bench = root.join("fixtures/bench");
+    let (mnv2, resnet) = (
+        bench.join("mobilenetv2_224.onnx"),
+        bench.join("resnet18_224.onnx"),
+    );
+    if !mnv2.exists() || !resnet.exists() {
+        bail!(
+            "benchmark models missing in {}: run `cargo xtask fixtures --bench` first",
+            bench.display()
+        );
+    }
+    // Pruning itself is not timed: the dev build the tests use is enough.
+    crate::sh(crate::cargo().args(["build", "--package", "kiln"]))?;
+    let kiln = root.join("target/debug/kiln");
+    let spec = kiln_target::find(&root.join("targets"), RUNTIME_TARGET)?;
+    let runner = match build::find_runner(&spec) {
+        Some(r) => r,
+        None => build::build_runner(root, &spec, build::RUNNER_PROFILE)?,
+    };
+    let work = root.join("target/bench/prune");
+    std::fs::create_dir_all(&work)?;
+    let optimize =
+        |model: &Path, out: &str, prune: &str, extra: &[&str]| -> Result<serde_json::Value> {
+            let report = work.join(format!("{out}.json"));
+            crate::sh(
+                Command::new(&kiln)
+                    .arg("optimize")
+                    .arg(model)
+                    .arg("-o")
+                    .arg(work.join(out))
+                    .args(["--prune", prune, "--report"])
+                    .arg(&report)
+                    .args(extra),
+            )?;
+            Ok(serde_json::from_slice(&std::fs::read(&report)?)?)
+        };
+
+    // 1. MobileNetV2: unpruned (channels:0, the same path) vs 30% of the channels.
+    optimize(&mnv2, "mnv2-base.nnef.tar", "channels:0", &[])?;
+    let structured = optimize(&mnv2, "mnv2-30.nnef.tar", "channels:0.3", &[])?;
+    let sample = bench.join("mobilenetv2_224.sample.npz");
+    let rounds = 5;
+    let (mut base, mut pruned) = (vec![], vec![]);
+    for _ in 0..rounds {
+        base.push(runner_p50(
+            &runner,
+            &work.join("mnv2-base.nnef.tar"),
+            &sample,
+            &work.join("base.bench.json"),
+        )?);
+        pruned.push(runner_p50(
+            &runner,
+            &work.join("mnv2-30.nnef.tar"),
+            &sample,
+            &work.join("pruned.bench.json"),
+        )?);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (b, p) = (med(&mut base), med(&mut pruned));
+    let t = &structured["totals"];
+    let latency_ratio = p / b;
+
+    // 2. ResNet-18: 50% magnitude, zstd of the pruned fp32 ONNX vs the fp32 ONNX.
+    let sparse = optimize(&resnet, "resnet18-50.onnx", "magnitude:0.5", &[])?;
+    let rt = &sparse["totals"];
+    let fp32 = rt["onnx_bytes_before"].as_f64().unwrap_or(f64::NAN);
+    let zstd_ratio = rt["zstd_bytes_after"].as_f64().unwrap_or(f64::NAN) / fp32;
+
+    // 3. digits: accuracy at each sparsity, every layer, one global threshold.
+    let digits = root.join("fixtures/digits");
+    let mut accuracy = vec![];
+    for pct in (10..=90).step_by(10) {
+        let j = optimize(
+            &digits.join("model.onnx"),
+            &format!("digits-{pct}.onnx"),
+            &format!("magnitude:{}", pct as f64 / 100.0),
+            &[
+                "--prune-skip",
+                "none",
+                "--prune-scope",
+                "global",
+                "--eval",
+                digits.join("data.npz").to_str().unwrap_or_default(),
+            ],
+        )?;
+        accuracy.push(serde_json::json!({
+            "sparsity": pct as f64 / 100.0,
+            "accuracy": j["accuracy"]["accuracy_after"],
+            "accuracy_unpruned": j["accuracy"]["accuracy_before"],
+        }));
+    }
+
+    println!("\nkiln pruning benchmark (runner {}, 1 thread, median of {rounds} alternating rounds of 20)\n", spec.name);
+    println!(
+        "MobileNetV2-224, 30% channels: p50 {b:.2} ms -> {p:.2} ms ({latency_ratio:.2}x, target <= 0.80x); MACs {} -> {} ({:.2}x); params {} -> {}",
+        t["macs_before"], t["macs_after"],
+        t["macs_after"].as_f64().unwrap_or(f64::NAN) / t["macs_before"].as_f64().unwrap_or(f64::NAN),
+        t["params_before"], t["params_after"]
+    );
+    println!(
+        "ResNet-18-224, 50% magnitude: fp32 ONNX {} bytes; pruned + zstd -{} {} bytes ({zstd_ratio:.3}x); \
+         int8 + zstd: pending the kiln-opt quantizer (target <= 0.15x)",
+        rt["onnx_bytes_before"], rt["zstd_level"], rt["zstd_bytes_after"]
+    );
+    println!("digits (trained), magnitude, global, all layers:");
+    for a in &accuracy {
+        println!(
+            "  {:>3.0}%  accuracy {:.2}%  (unpruned {:.2}%)",
+            a["sparsity"].as_f64().unwrap_or(0.0) * 100.0,
+            a["accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            a["accuracy_unpruned"].as_f64().unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    let doc = serde_json::json!({
+        "runner_target": spec.name,
+        "mobilenetv2_224_channels_30": {
+            "p50_ms_unpruned": b, "p50_ms_pruned": p, "latency_ratio": latency_ratio,
+            "rounds": rounds, "totals": t,
+        },
+        "resnet18_224_magnitude_50": {
+            "totals": rt, "zstd_vs_fp32_onnx": zstd_ratio,
+            // Hook for the quantizer: pruned -> int8 -> zstd, compared with the same fp32 size.
+            "int8_zstd_vs_fp32_onnx": serde_json::Value::Null,
+        },
+        "digits_magnitude_accuracy": accuracy,
+    });
+    let out = root.join("target/bench/prune.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!("\nwrote {}", out.display());
     Ok(())
 }

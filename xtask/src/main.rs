@@ -27,6 +27,7 @@ tasks:
   bench package      artifact verification throughput, packaging overhead, ResNet-18 install
                      on local (with the bench fixtures)
   bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
+  bench prune        structured/unstructured pruning: latency, MACs, sizes, digits accuracy
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 

@@ -102,6 +102,7 @@ pub fn demo(fixtures: Option<PathBuf>) -> Result<ExitCode> {
         eprintln!("error: quantization missed its accuracy budget");
         return Ok(ExitCode::FAILURE);
     }
+    prune_step(&dir)?;
     ok &= compile_and_run(&dir, &work)?;
     if !ok {
         eprintln!("error: a compiled runner disagrees with host inference");
@@ -336,4 +337,43 @@ fn gate(dir: &Path) -> Result<bool> {
         &crate::check::MeasureArgs::default(),
         kiln_check::format::Format::Table,
     )
+}
+
+/// Step 1c: prune the digits classifier (accuracy per sparsity) and the mobilenet fixture
+/// (structured: MACs and size before and after).
+fn prune_step(dir: &Path) -> Result<()> {
+    use kiln_prune::{Method, PruneSpec};
+    println!("1c. prune: digits (unstructured magnitude, accuracy on its labelled data), mobilenet (whole channels)");
+    let digits = kiln_prune::read_model(&dir.join("digits/model.onnx"))?;
+    let data = kiln_io::read_tensors(&dir.join("digits/data.npz"))?;
+    for amount in [0.3, 0.5, 0.7, 0.9] {
+        // Every layer, one global threshold: the whole classifier at that sparsity.
+        let mut spec = PruneSpec::new(Method::Magnitude(amount));
+        spec.skip = Some(vec![]);
+        spec.scope = kiln_prune::Scope::Global;
+        let (pruned, r) = kiln_prune::prune(&digits, &spec)?;
+        let acc = kiln_prune::evaluate(&digits, &pruned, &data, "digits/data.npz")?;
+        println!(
+            "   digits     magnitude {:>3.0}%: accuracy {:.2}% -> {:.2}%, zstd {} -> {}",
+            amount * 100.0,
+            acc.accuracy_before.unwrap_or(0.0) * 100.0,
+            acc.accuracy_after.unwrap_or(0.0) * 100.0,
+            human_bytes(r.totals.zstd_bytes_before),
+            human_bytes(r.totals.zstd_bytes_after)
+        );
+    }
+    let mobilenet = kiln_prune::read_model(&dir.join("mobilenet/model.onnx"))?;
+    let (_, r) = kiln_prune::prune(&mobilenet, &PruneSpec::new(Method::Channels(0.3)))?;
+    let t = &r.totals;
+    println!(
+        "   mobilenet  channels   30%: MACs {:.2}M -> {:.2}M, params {} -> {}, ONNX {} -> {}",
+        t.macs_before.unwrap_or(0) as f64 / 1e6,
+        t.macs_after.unwrap_or(0) as f64 / 1e6,
+        t.params_before,
+        t.params_after,
+        human_bytes(t.onnx_bytes_before),
+        human_bytes(t.onnx_bytes_after)
+    );
+    println!();
+    Ok(())
 }

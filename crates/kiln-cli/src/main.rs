@@ -12,6 +12,7 @@ mod commands;
 mod compile;
 mod demo;
 mod optimize;
+mod prune;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
 #[derive(Parser)]
@@ -77,6 +78,8 @@ enum Command {
     /// Manage the `kiln check` baseline (`kiln baseline update`).
     #[command(subcommand)]
     Baseline(check::BaselineCmd),
+    /// Per-layer pruning sensitivity on an evaluation set: table, JSON, SVG chart.
+    PruneScan(prune::ScanArgs),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::check_cmd(args),
         Command::Baseline(cmd) => check::baseline_cmd(cmd),
         Command::Demo { fixtures } => demo::demo(fixtures),
+        Command::PruneScan(args) => prune::scan_cmd(args),
     };
     match result {
         Ok(code) => code,

@@ -20,7 +20,10 @@ pub struct OptimizeArgs {
     pub out: PathBuf,
     /// Target precision: f16, int8-dynamic or int8-static.
     #[arg(long, value_name = "PRECISION")]
-    pub quantize: String,
+    pub quantize: Option<String>,
+    /// Pruning, applied before quantization.
+    #[command(flatten)]
+    pub prune: crate::prune::PruneArgs,
     /// Calibration dataset (.npz, one array per input with a leading N axis); int8-static.
     #[arg(long)]
     pub calib: Option<PathBuf>,
@@ -54,7 +57,20 @@ pub struct OptimizeArgs {
 
 /// `kiln optimize`.
 pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
-    let precision = Precision::parse(&args.quantize)?;
+    let Some(quantize) = args.quantize.clone() else {
+        if args.prune.prune.is_none() {
+            bail!("nothing to do: give --quantize f16|int8-dynamic|int8-static and/or --prune magnitude:F|channels:F");
+        }
+        return crate::prune::optimize_cmd(crate::prune::OptimizeArgs {
+            model: args.model,
+            out: args.out,
+            eval: args.eval,
+            json: args.json,
+            report: args.report,
+            prune: args.prune,
+        });
+    };
+    let precision = Precision::parse(&quantize)?;
     let method = Method::parse(&args.calibration)?;
     let input_shapes = args
         .input_shapes
@@ -71,7 +87,7 @@ pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
     if precision != Precision::Int8Static && args.calib.is_some() {
         eprintln!(
             "note: --calib is used by int8-static only; ignored for {}",
-            args.quantize
+            quantize
         );
     }
     let opts = Options {
@@ -85,18 +101,31 @@ pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
         progress: !args.json,
         int8_everywhere: args.int8_everywhere,
     };
-    let mut done = optimize::optimize(&args.model, &opts)?;
+    let (start, prune_report) = match args.prune.prune.is_some() {
+        true => {
+            let original = kiln_prune::read_model(&args.model)?;
+            let (pruned, report) = crate::prune::apply_prune(&args.prune, original)
+                .with_context(|| format!("pruning {}", args.model.display()))?;
+            (Some(pruned), report)
+        }
+        false => (None, None),
+    };
+    let mut done = optimize::optimize_from(&args.model, start, &opts)?;
+    done.report.prune = prune_report.map(|r| serde_json::to_value(&r)).transpose()?;
     // Serialize before writing anything: an op the runner cannot read fails here.
     let bytes = if as_onnx {
         kiln_opt::onnx::to_bytes(&done.onnx)
     } else {
         kiln_graph::nnef::to_nnef_bytes(&done.model)?
     };
-    let zstd_size = zstd::bulk::compress(&bytes, 19)
+    let zstd_size = zstd::bulk::compress(&bytes, args.prune.zstd_level)
         .map(|c| c.len() as u64)
         .unwrap_or(0);
     done.report.size.insert("output".into(), bytes.len() as u64);
-    done.report.size.insert("output_zstd19".into(), zstd_size);
+    done.report.size.insert("output_zstd".into(), zstd_size);
+    done.report
+        .size
+        .insert("zstd_level".into(), args.prune.zstd_level.max(0) as u64);
     let json = serde_json::to_vec_pretty(&done.report)?;
     if let Some(r) = &args.report {
         kiln_io::fsutil::write_atomic(r, &json)
@@ -117,7 +146,7 @@ fn to_text(r: &Report, out: &std::path::Path) -> String {
     let mut s = String::new();
     let src = r.size.get("source_onnx").copied().unwrap_or(0);
     let o = r.size.get("output").copied().unwrap_or(0);
-    let z = r.size.get("output_zstd19").copied().unwrap_or(0);
+    let z = r.size.get("output_zstd").copied().unwrap_or(0);
     s += &format!(
         "optimized {} → {} ({:?})\n",
         r.model,
@@ -125,7 +154,7 @@ fn to_text(r: &Report, out: &std::path::Path) -> String {
         r.precision
     );
     s += &format!(
-        "  size      {} → {} ({:.2}x); zstd-19 {} ({:.2}x)\n",
+        "  size      {} → {} ({:.2}x); zstd {} ({:.2}x)\n",
         human_bytes(src),
         human_bytes(o),
         o as f64 / src.max(1) as f64,

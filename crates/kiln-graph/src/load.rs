@@ -186,6 +186,21 @@ pub fn read_onnx_proto(path: &Path) -> Result<pb::ModelProto> {
         })
 }
 
+/// Loads an ONNX model from memory (e.g. a pass's output); `path` names it in messages and
+/// its parent folder resolves external data.
+pub fn load_onnx_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid ONNX model: the protobuf does not parse ({e}). \
+                 Is the file truncated or corrupted, or not an .onnx file?",
+                path.display()
+            )
+        })?;
+    load_onnx_proto(&proto, path, opts)
+}
+
 fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let proto = read_onnx_proto(path)?;
     load_onnx_proto(&proto, path, opts)

@@ -49,7 +49,9 @@ pub fn needs_rewrite(model: &ModelProto) -> bool {
 
 /// Expands the ops listed in the module doc in place; returns how many nodes it rewrote.
 pub fn rewrite(model: &mut ModelProto) -> usize {
-    let Some(g) = model.graph.as_mut() else { return 0 };
+    let Some(g) = model.graph.as_mut() else {
+        return 0;
+    };
     let mut count = 0;
     let mut out = Vec::with_capacity(g.node.len());
     let mut inits = vec![];
@@ -104,21 +106,49 @@ pub fn rewrite(model: &mut ModelProto) -> usize {
                 let i = &n.input;
                 let zp = |k: usize| i.get(k).map(|s| s.as_str()).unwrap_or("");
                 let (a, b, c) = (p("a"), p("b"), p("c"));
-                out.push(node("DequantizeLinear", p("dq_a"), &[&i[0], &i[1], zp(2)], &[&a]));
-                out.push(node("DequantizeLinear", p("dq_b"), &[&i[3], &i[4], zp(5)], &[&b]));
+                out.push(node(
+                    "DequantizeLinear",
+                    p("dq_a"),
+                    &[&i[0], &i[1], zp(2)],
+                    &[&a],
+                ));
+                out.push(node(
+                    "DequantizeLinear",
+                    p("dq_b"),
+                    &[&i[3], &i[4], zp(5)],
+                    &[&b],
+                ));
                 out.push(node(&op[7..], p("op"), &[&a, &b], &[&c]));
-                out.push(node("QuantizeLinear", p("q"), &[&c, &i[6], zp(7)], &[&n.output[0]]));
+                out.push(node(
+                    "QuantizeLinear",
+                    p("q"),
+                    &[&c, &i[6], zp(7)],
+                    &[&n.output[0]],
+                ));
                 count += 1;
             }
             ("com.microsoft", "QLinearGlobalAveragePool")
                 if n.input.len() >= 5
-                    && !n.attribute.iter().any(|a| a.name == "channels_last" && a.i != 0) =>
+                    && !n
+                        .attribute
+                        .iter()
+                        .any(|a| a.name == "channels_last" && a.i != 0) =>
             {
                 let i = &n.input;
                 let (a, c) = (p("a"), p("c"));
-                out.push(node("DequantizeLinear", p("dq"), &[&i[0], &i[1], &i[2]], &[&a]));
+                out.push(node(
+                    "DequantizeLinear",
+                    p("dq"),
+                    &[&i[0], &i[1], &i[2]],
+                    &[&a],
+                ));
                 out.push(node("GlobalAveragePool", p("op"), &[&a], &[&c]));
-                out.push(node("QuantizeLinear", p("q"), &[&c, &i[3], &i[4]], &[&n.output[0]]));
+                out.push(node(
+                    "QuantizeLinear",
+                    p("q"),
+                    &[&c, &i[3], &i[4]],
+                    &[&n.output[0]],
+                ));
                 count += 1;
             }
             _ => out.push(n),

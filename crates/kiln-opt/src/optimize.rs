@@ -144,6 +144,8 @@ pub struct Report {
     pub size: HashMap<String, u64>,
     /// Things the user should know (ops left in f32 and why, slow int8...).
     pub notes: Vec<String>,
+    /// The pruning pass's `kiln.prune/1` report when `--prune` ran first.
+    pub prune: Option<serde_json::Value>,
 }
 
 /// The result of [`optimize`].
@@ -294,6 +296,13 @@ type Builder = Box<dyn Fn(&[Layer]) -> Result<(ModelProto, Model)>>;
 
 /// Runs the whole pass: see the module doc.
 pub fn optimize(path: &Path, opts: &Options) -> Result<Optimized> {
+    optimize_from(path, None, opts)
+}
+
+/// Like [`optimize`], starting from `start` (e.g. the pruned graph) instead of the file at
+/// `path`; accuracy is still measured against the fp32 model at `path`, so the budget
+/// covers pruning and quantization together.
+pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> Result<Optimized> {
     if let Some(d) = opts.max_drop {
         if d.is_nan() || d < 0.0 {
             bail!("--max-accuracy-drop must be ≥ 0 points (got {d})");
@@ -302,7 +311,11 @@ pub fn optimize(path: &Path, opts: &Options) -> Result<Optimized> {
             bail!("--max-accuracy-drop needs --eval DATA.npz to measure the drop");
         }
     }
-    let mut proto = kiln_graph::load::read_onnx_proto(path)?;
+    let pruned = start.is_some();
+    let mut proto = match start {
+        Some(p) => p,
+        None => kiln_graph::load::read_onnx_proto(path)?,
+    };
     let source_size = std::fs::metadata(path)?.len();
     let fp32 = kiln_graph::load(path, &opts.load)?;
     onnx::constants_to_initializers(&mut proto)?;
@@ -339,6 +352,22 @@ pub fn optimize(path: &Path, opts: &Options) -> Result<Optimized> {
         }
     };
 
+    if let (true, Some(budget), Some(_)) = (pruned, opts.max_drop, &evaluator) {
+        let base = load_proto(&proto, path, &opts.load)?;
+        if let Some(a) = eval_model(&base)? {
+            if a.drop > budget {
+                bail!(
+                    "pruning alone drops {:.3} points ({} {:.2} → {:.2}), over the {budget}-point \
+                     budget before any quantization. Nothing was written. Prune less (a lower \
+                     fraction, or --prune-skip the sensitive layers: see kiln prune-scan).",
+                    a.drop,
+                    a.metric,
+                    a.reference,
+                    a.optimized
+                );
+            }
+        }
+    }
     let forced: HashSet<String> = opts.keep_f32.iter().cloned().collect();
     let mut calibration = None;
     let (candidates, build): (Vec<Layer>, Builder) = match opts.precision {
@@ -594,6 +623,7 @@ pub fn optimize(path: &Path, opts: &Options) -> Result<Optimized> {
         latency,
         size: HashMap::from([("source_onnx".to_string(), source_size)]),
         notes,
+        prune: None,
     };
     Ok(Optimized {
         onnx: q_proto,
