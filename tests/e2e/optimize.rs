@@ -394,3 +394,109 @@ fn prune_then_quantize_in_one_command_within_one_budget() {
     kiln(&args).fails_with(&["pruning alone drops", "budget"]);
     assert!(!out.exists());
 }
+
+/// Compiles `model` (ONNX or kiln NNEF) for `target`, runs the runner on `sample` (under
+/// qemu-user for ARM) and returns its outputs.
+fn on_runner(model: &Path, target: &str, sample: &Path) -> kiln_io::NamedTensors {
+    let dir = tempfile::tempdir().unwrap();
+    let j = kiln(&[
+        &"compile",
+        &model,
+        &"--target",
+        &target,
+        &"-o",
+        &dir.path(),
+        &"--json",
+    ])
+    .json();
+    let spec = kiln_target::find(&fixtures().join("../targets"), target).unwrap();
+    let runner = std::path::PathBuf::from(j["runner_file"].as_str().unwrap());
+    let out = dir.path().join("out.npz");
+    let mut cmd = kiln_target::emulate::command(&spec, &runner).unwrap();
+    cmd.arg("run")
+        .arg("--model")
+        .arg(j["model_file"].as_str().unwrap());
+    cmd.arg("--inputs").arg(sample).arg("--output").arg(&out);
+    run_cmd(cmd).ok();
+    kiln_io::read_tensors(&out).unwrap()
+}
+
+fn assert_close(got: &kiln_io::NamedTensors, want: &kiln_io::NamedTensors, tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for ((gn, g), (wn, w)) in got.iter().zip(want) {
+        assert_eq!(gn, wn, "{what}");
+        let c = kiln_io::compare::compare(g, w, g.rank()).unwrap();
+        assert!(c.max_abs <= tol, "{what}: {c:?}");
+    }
+}
+
+#[test]
+fn onnxruntime_quantized_models_load_run_and_compile() {
+    // fixtures/prequant: made by onnxruntime's quantize_dynamic / quantize_static (QDQ),
+    // with onnxruntime's own outputs on the sample.
+    for (model, fixture_name) in [
+        ("digits.dynamic", "digits"),
+        ("transformer.dynamic", "transformer"),
+        ("mobilenet.qdq", "mobilenet"),
+    ] {
+        let onnx = fixtures().join("prequant").join(format!("{model}.onnx"));
+        let reference = fixtures()
+            .join("prequant")
+            .join(format!("{model}.sample_ref.npz"));
+        let sample = fixture(fixture_name, "sample.npz");
+        let j = kiln(&[
+            &"run",
+            &onnx,
+            &"--inputs",
+            &sample,
+            &"--compare",
+            &reference,
+            &"--tolerance",
+            &"1e-4",
+            &"--json",
+        ])
+        .json();
+        assert_eq!(j["within_tolerance"], true, "{model}: {j}");
+        let want = kiln_io::read_tensors(&reference).unwrap();
+        assert_close(
+            &on_runner(&onnx, "x86_64-linux", &sample),
+            &want,
+            1e-4,
+            model,
+        );
+    }
+    let onnx = fixtures().join("prequant/digits.dynamic.onnx");
+    let want =
+        kiln_io::read_tensors(&fixtures().join("prequant/digits.dynamic.sample_ref.npz")).unwrap();
+    let got = on_runner(&onnx, "aarch64-linux", &fixture("digits", "sample.npz"));
+    assert_close(&got, &want, 1e-4, "digits.dynamic on aarch64");
+}
+
+#[test]
+fn kiln_int8_models_run_on_the_cross_built_runner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = fixture("mobilenet", "calib.npz");
+    check(
+        tmp.path(),
+        "mobilenet",
+        "int8-static",
+        &["--calib", calib.to_str().unwrap()],
+    );
+    let nnef = tmp.path().join("mobilenet.int8-static.nnef.tar");
+    let sample = fixture("mobilenet", "sample.npz");
+    let host = tmp.path().join("host.npz");
+    kiln(&[&"run", &nnef, &"--inputs", &sample, &"--output", &host]).ok();
+    let want = kiln_io::read_tensors(&host).unwrap();
+    assert_close(
+        &on_runner(&nnef, "x86_64-linux", &sample),
+        &want,
+        1e-5,
+        "x86_64",
+    );
+    assert_close(
+        &on_runner(&nnef, "aarch64-linux", &sample),
+        &want,
+        1e-3,
+        "aarch64",
+    );
+}
