@@ -70,11 +70,21 @@ pub fn kiln(args: &[&dyn AsRefOsStr]) -> Run {
 }
 
 /// Runs a prepared command.
+///
+/// Retries "text file busy" (ETXTBSY): a test that just wrote an executable races with
+/// other tests' forks, which briefly inherit its write descriptor.
 pub fn run_cmd(mut cmd: Command) -> Run {
-    finish(
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
-    )
+    let mut tries = 0;
+    loop {
+        match cmd.output() {
+            Ok(out) => return finish(out),
+            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot start {cmd:?}: {e}"),
+        }
+    }
 }
 
 fn finish(out: Output) -> Run {
