@@ -500,3 +500,17 @@ fn kiln_int8_models_run_on_the_cross_built_runner() {
         "aarch64",
     );
 }
+
+#[test]
+fn f16_model_keeps_f32_inputs_and_outputs_on_the_runner() {
+    let tmp = tempfile::tempdir().unwrap();
+    check(tmp.path(), "cnn", "f16", &[]);
+    let nnef = tmp.path().join("cnn.f16.nnef.tar");
+    let sample = fixture("cnn", "sample.npz");
+    let got = on_runner(&nnef, "x86_64-linux", &sample);
+    let want = kiln_io::read_tensors(&fixture("cnn", "sample_ref.npz")).unwrap();
+    for (_, t) in &got {
+        assert_eq!(t.datum_type(), f32::datum_type());
+    }
+    assert_close(&got, &want, 1e-2, "cnn f16");
+}

@@ -232,7 +232,10 @@ fn to_f16(mut model: Model, keep: &HashSet<String>) -> Result<Model> {
     let keep = keep.clone();
     let tr =
         FloatPrecisionTranslator::with_filter(f32::datum_type(), f16::datum_type(), move |n| {
+            // MaxPool stays f32: tract 0.23 writes an f16 MaxPool's NNEF with two outputs
+            // and cannot read it back.
             !n.op_is::<TypedSource>()
+                && !n.op.name().contains("MaxPool")
                 && !keep
                     .iter()
                     .any(|k| n.name == *k || n.name.starts_with(&format!("{k}.")))
@@ -258,6 +261,20 @@ fn to_f16(mut model: Model, keep: &HashSet<String>) -> Result<Model> {
             typed.add_edge(casted, inlet)?;
         }
     }
+    // Outputs too: devices read the same f32 tensors as from the fp32 model.
+    let names = kiln_io::exec::output_names(&typed)?;
+    let mut outputs = vec![];
+    for (o, name) in typed.output_outlets()?.to_vec().into_iter().zip(names) {
+        if typed.outlet_fact(o)?.datum_type == f16::datum_type() {
+            let casted =
+                typed.wire_node(format!("{name}.to_f32"), cast(f32::datum_type()), &[o])?[0];
+            typed.set_outlet_label(casted, name)?;
+            outputs.push(casted);
+        } else {
+            outputs.push(o);
+        }
+    }
+    typed.select_output_outlets(&outputs)?;
     model.typed = typed
         .into_decluttered()
         .context("converting the graph to f16")?;
