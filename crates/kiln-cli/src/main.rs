@@ -12,6 +12,7 @@ mod commands;
 mod compile;
 mod demo;
 mod optimize;
+mod pipeline;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
 #[derive(Parser)]
@@ -77,6 +78,21 @@ enum Command {
     /// Manage the `kiln check` baseline (`kiln baseline update`).
     #[command(subcommand)]
     Baseline(check::BaselineCmd),
+    /// Run the pipeline of a kiln.toml: optimize, compile per target, package (cached by content).
+    Build(pipeline::BuildArgs),
+    /// Print what `kiln build` would run and why (which inputs changed); runs nothing.
+    Plan(pipeline::PipelineArgs),
+    /// Write a commented kiln.toml for a model.
+    Init {
+        /// The model (ONNX).
+        model: PathBuf,
+        /// Where to write the manifest.
+        #[arg(short = 'o', long = "out", default_value = "kiln.toml")]
+        out: PathBuf,
+        /// Overwrite an existing manifest.
+        #[arg(long)]
+        force: bool,
+    },
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -108,6 +124,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench_cmd(args),
         Command::Check(args) => check::check_cmd(args),
         Command::Baseline(cmd) => check::baseline_cmd(cmd),
+        Command::Build(args) => pipeline::build_cmd(args),
+        Command::Plan(args) => pipeline::plan_cmd(args),
+        Command::Init { model, out, force } => pipeline::init_cmd(&model, &out, force),
         Command::Demo { fixtures } => demo::demo(fixtures),
     };
     match result {
