@@ -9,4 +9,5 @@ mod compile;
 mod device;
 mod inspect;
 mod optimize;
+mod pipeline;
 mod run;

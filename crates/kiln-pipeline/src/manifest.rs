@@ -183,7 +183,8 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// the key of the `key = value` line holding (or opening) the offset.
 pub fn key_at(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
-    let lines: Vec<&str> = text[..offset].split('\n').collect();
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let lines: Vec<&str> = text[..end].split('\n').collect();
     let mut key = None;
     let mut header = None;
     for (i, line) in lines.iter().enumerate().rev() {
@@ -721,7 +722,7 @@ max_accuracy_drop = 1
     #[test]
     fn unknown_keys_and_wrong_types_name_key_line_and_file() {
         let e = error_with("calibration =", "calibrate =");
-        assert!(e.contains("kiln.toml:20:1:"), "{e}");
+        assert!(e.contains("kiln.toml:21:1:"), "{e}");
         assert!(e.contains("unknown field `calibrate`"), "{e}");
         assert!(e.contains("`model.optimize.calibrate`"), "{e}");
         let e = error_with("version = 3", "version = \"3\"");
@@ -740,7 +741,10 @@ max_accuracy_drop = 1
             "{e}"
         );
         let e = error("version = 1\ntargets = [\"x86_64-linux\"\n");
-        assert!(e.contains("kiln.toml:2:"), "{e}");
+        assert!(
+            e.contains("kiln.toml:3:") && e.contains("invalid array"),
+            "{e}"
+        );
         let e = error("version = 1\ntargets = [\"x86_64-linux\"]\n");
         assert!(e.contains("missing field `model`"), "{e}");
     }
