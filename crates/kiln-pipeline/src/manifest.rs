@@ -866,6 +866,60 @@ max_accuracy_drop = 1
         assert!(e.contains("two models are named `m`"), "{e}");
     }
 
+    /// The fields serde accepts in a table, from its "unknown field" error.
+    fn accepted_fields(from: &str, to: &str) -> Vec<String> {
+        let e = error_with(from, to);
+        let list = e
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| e.split("expected ").nth(1))
+            .unwrap_or_else(|| panic!("{e}"));
+        let mut v: Vec<String> = list
+            .split(", ")
+            .map(|f| f.trim().trim_matches('`').to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn json_schema_lists_the_same_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/kiln.schema.json");
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            k.sort();
+            k
+        };
+        let p = &schema["properties"];
+        assert_eq!(
+            keys(&schema),
+            accepted_fields("version = 3", "version = 3\nzz = 1")
+        );
+        assert_eq!(
+            keys(&p["check"]),
+            accepted_fields("noise_sigmas = 3", "noise_sigmas = 3\nzz = 1")
+        );
+        assert_eq!(
+            keys(&p["sign"]),
+            accepted_fields("key = {", "zz = 1\nkey = {")
+        );
+        assert_eq!(
+            keys(&p["model"]["items"]),
+            accepted_fields("eval = \"m/data.npz\"", "eval = \"m/data.npz\"\nzz = 1")
+        );
+        assert_eq!(
+            keys(&p["model"]["items"]["properties"]["optimize"]),
+            accepted_fields("max_accuracy_drop = 1", "max_accuracy_drop = 1\nzz = 1")
+        );
+    }
+
     #[test]
     fn line_columns_and_keys() {
         let t = "a = 1\n[x.y]\nb = [\n  1,\n  2]\n";

@@ -29,6 +29,9 @@ const RUNNER_FILE: &str = "kiln-runner";
 const COMPILE_FILE: &str = "compile.json";
 const ARTIFACT_FILE: &str = "artifact.kiln";
 
+/// A stage's output files: name → bytes.
+type Files = BTreeMap<String, Vec<u8>>;
+
 /// How `kiln build` / `kiln plan` run.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -447,8 +450,8 @@ impl Pipeline {
         model: &ModelSpec,
         target: Option<&String>,
         inputs: BTreeMap<String, String>,
-        work: impl FnOnce() -> Result<BTreeMap<String, Vec<u8>>>,
-    ) -> Result<(StageReport, Option<BTreeMap<String, Vec<u8>>>)> {
+        work: impl FnOnce() -> Result<Files>,
+    ) -> Result<(StageReport, Option<Files>)> {
         let key = stage_key(stage, &inputs);
         let mut report = StageReport {
             id: id.to_string(),
