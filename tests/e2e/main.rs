@@ -9,5 +9,6 @@ mod compile;
 mod device;
 mod inspect;
 mod optimize;
+mod pipeline;
 mod prune;
 mod run;

@@ -60,7 +60,7 @@ pub use host::*;
 mod host {
     use super::*;
     use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
-    use ed25519_dalek::SigningKey;
+    pub use ed25519_dalek::SigningKey;
 
     /// A fresh key pair from the OS's randomness.
     pub fn generate() -> Result<SigningKey> {
@@ -110,11 +110,16 @@ mod host {
                 );
             }
         }
-        SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not an Ed25519 private key in PKCS#8 PEM: {e}",
-                path.display()
-            )
+        private_key_from_pem(&pem, &path.display().to_string())
+    }
+
+    /// Parses a PKCS#8 PEM private key; `origin` names where it came from in errors.
+    pub fn private_key_from_pem(pem: &str, origin: &str) -> Result<SigningKey> {
+        if pem.contains("BEGIN PUBLIC KEY") {
+            bail!("{origin} is a public key; signing needs the private key (kiln keygen -o KEY writes KEY)");
+        }
+        SigningKey::from_pkcs8_pem(pem).map_err(|e| {
+            anyhow::anyhow!("{origin} is not an Ed25519 private key in PKCS#8 PEM: {e}")
         })
     }
 }

@@ -10,6 +10,8 @@ pub mod read;
 #[cfg(feature = "host")]
 pub mod write;
 
+#[cfg(feature = "host")]
+pub use keys::SigningKey;
 pub use manifest::Manifest;
 
 #[cfg(test)]

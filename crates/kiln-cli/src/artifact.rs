@@ -1,17 +1,15 @@
 //! `kiln keygen`, `kiln package`, `kiln verify`: signed artifacts on the host.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use kiln_artifact::manifest::{GOLDEN_INPUTS, GOLDEN_OUTPUTS, MODEL_FILE, RUNNER_FILE};
-use kiln_artifact::write::{package, PackageInput, ZSTD_LEVEL};
+use kiln_artifact::manifest::RUNNER_FILE;
+use kiln_artifact::write::ZSTD_LEVEL;
 use kiln_artifact::{keys, Limits, Manifest};
 use kiln_graph::inspect::human_bytes;
-use kiln_io::tract_core::prelude::*;
-use kiln_io::Batch;
+use kiln_pipeline::package::{build_artifact, ArtifactJob};
 
 /// `kiln keygen -o KEY`: KEY (PKCS#8 PEM, mode 0600) and KEY.pub (SPKI PEM).
 pub fn keygen(out: &Path, force: bool) -> Result<ExitCode> {
@@ -101,57 +99,40 @@ pub fn package_cmd(a: PackageArgs) -> Result<ExitCode> {
     );
     let model_bytes = std::fs::read(&model_path)
         .with_context(|| format!("cannot read {}", model_path.display()))?;
-    let model = kiln_graph::load(&model_path, &Default::default())?;
-    let specs = model.input_specs()?;
-    let inputs = match &a.golden_inputs {
-        Some(p) => kiln_io::read_tensors(p)?,
-        None => kiln_io::data::synthetic_inputs(&specs)?,
-    };
-    let batch = Batch::bind(&specs, inputs.clone(), "golden inputs")?;
-    let outputs = kiln_graph::run_batch(&model, &batch)?;
-    let peak = outputs
-        .iter()
-        .map(|(_, t)| max_abs(t))
-        .fold(1.0f64, f64::max);
-    let mut files = BTreeMap::new();
-    files.insert(MODEL_FILE.to_string(), model_bytes.clone());
-    files.insert(GOLDEN_INPUTS.to_string(), kiln_io::npz::npz_bytes(&inputs)?);
-    files.insert(
-        GOLDEN_OUTPUTS.to_string(),
-        kiln_io::npz::npz_bytes(&outputs)?,
-    );
-    if a.with_runner {
+    let runner = if a.with_runner {
         let runner = a.dir.join(RUNNER_FILE);
-        files.insert(
-            RUNNER_FILE.into(),
+        Some(
             std::fs::read(&runner)
                 .with_context(|| format!("--with-runner: cannot read {}", runner.display()))?,
-        );
-    }
+        )
+    } else {
+        None
+    };
+    let runner_zst = match &runner {
+        Some(r) => zstd::bulk::compress(r, ZSTD_LEVEL)?.len(),
+        None => 0,
+    };
     let name = model_path
         .file_name()
         .unwrap()
         .to_string_lossy()
         .trim_end_matches(".nnef.tar")
         .to_string();
-    let input = PackageInput {
-        name,
-        version: a.version,
-        target,
-        precision: precision(&model),
-        tract_version: kiln_io::TRACT_VERSION.into(),
-        // Cross-CPU f32 results differ in the last bits (FMA, kernel order): 1e-3 relative.
-        golden_max_abs: 1e-3 * peak,
-        expected_accuracy: a.accuracy,
-        files,
-    };
-    let (bytes, manifest) = package(&input, &key)?;
+    let (bytes, manifest) = build_artifact(
+        ArtifactJob {
+            name,
+            version: a.version,
+            target,
+            model_path: &model_path,
+            model_bytes: model_bytes.clone(),
+            golden_inputs: a.golden_inputs.as_deref(),
+            runner,
+            accuracy: a.accuracy,
+        },
+        &key,
+    )?;
     kiln_io::fsutil::write_atomic(&a.out, &bytes)?;
     let model_zst = zstd::bulk::compress(&model_bytes, ZSTD_LEVEL)?.len();
-    let runner_zst = match input.files.get(RUNNER_FILE) {
-        Some(r) => zstd::bulk::compress(r, ZSTD_LEVEL)?.len(),
-        None => 0,
-    };
     println!(
         "packaged {} v{} for {} -> {} ({}; model {} -> {} compressed{}, overhead {} for manifest, signature and golden data)",
         manifest.name,
@@ -166,36 +147,6 @@ pub fn package_cmd(a: PackageArgs) -> Result<ExitCode> {
     );
     println!("signed with key {}", manifest.key_id);
     Ok(ExitCode::SUCCESS)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.cast_to::<f64>()
-        .ok()
-        .and_then(|c| {
-            kiln_io::slice_of::<f64>(&c)
-                .ok()
-                .map(|s| s.iter().fold(0.0f64, |m, v| m.max(v.abs())))
-        })
-        .unwrap_or(0.0)
-}
-
-/// Precision label from the stored parameters' dominant type.
-fn precision(model: &kiln_graph::Model) -> String {
-    let mut by: BTreeMap<String, u64> = BTreeMap::new();
-    for p in &model.params {
-        *by.entry(p.dtype.clone()).or_default() += p.bytes;
-    }
-    let top = by
-        .into_iter()
-        .max_by_key(|(_, b)| *b)
-        .map(|(d, _)| d)
-        .unwrap_or_default();
-    match top.as_str() {
-        "f16" => "f16",
-        "i8" | "u8" | "qi8" | "qu8" => "int8",
-        _ => "f32",
-    }
-    .into()
 }
 
 /// `kiln verify app.kiln --pubkey PUB`: signature, hashes, structure, limits.

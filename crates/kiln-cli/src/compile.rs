@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kiln_graph::inspect::human_bytes;
 use kiln_target::{build, elf, emulate, toolchain, TargetSpec};
 use serde::Serialize;
@@ -41,21 +41,7 @@ pub struct CompileReport {
 
 /// Finds the runner for `spec` (`--runner`, a built one, or builds it from the source tree).
 pub fn runner_for(spec: &TargetSpec, given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
-    }
-    if let Some(p) = build::find_runner(spec) {
-        return Ok(p);
-    }
-    match kiln_target::source_root() {
-        Some(root) => build::build_runner(&root, spec, build::RUNNER_PROFILE),
-        None => bail!(
-            "no kiln-runner for target `{}` found; build one with `cargo xtask runner --target {}` \
-             or set KILN_RUNNER_DIR",
-            spec.name,
-            spec.name
-        ),
-    }
+    build::runner_for(spec, given)
 }
 
 /// Arguments of `kiln compile`.

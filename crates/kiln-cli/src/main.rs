@@ -12,6 +12,7 @@ mod commands;
 mod compile;
 mod demo;
 mod optimize;
+mod pipeline;
 mod prune;
 
 /// kiln bakes trained ONNX models into small, fast artifacts for edge devices.
@@ -80,6 +81,21 @@ enum Command {
     Baseline(check::BaselineCmd),
     /// Per-layer pruning sensitivity on an evaluation set: table, JSON, SVG chart.
     PruneScan(prune::ScanArgs),
+    /// Run the pipeline of a kiln.toml: optimize, compile per target, package (cached by content).
+    Build(pipeline::BuildArgs),
+    /// Print what `kiln build` would run and why (which inputs changed); runs nothing.
+    Plan(pipeline::PipelineArgs),
+    /// Write a commented kiln.toml for a model.
+    Init {
+        /// The model (ONNX).
+        model: PathBuf,
+        /// Where to write the manifest.
+        #[arg(short = 'o', long = "out", default_value = "kiln.toml")]
+        out: PathBuf,
+        /// Overwrite an existing manifest.
+        #[arg(long)]
+        force: bool,
+    },
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -111,6 +127,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench_cmd(args),
         Command::Check(args) => check::check_cmd(args),
         Command::Baseline(cmd) => check::baseline_cmd(cmd),
+        Command::Build(args) => pipeline::build_cmd(args),
+        Command::Plan(args) => pipeline::plan_cmd(args),
+        Command::Init { model, out, force } => pipeline::init_cmd(&model, &out, force),
         Command::Demo { fixtures } => demo::demo(fixtures),
         Command::PruneScan(args) => prune::scan_cmd(args),
     };

@@ -43,6 +43,26 @@ pub fn find_runner(spec: &TargetSpec) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// The runner for `spec`: `given`, else an already-built one ([`find_runner`]), else one
+/// built now from the kiln source tree this binary came from.
+pub fn runner_for(spec: &TargetSpec, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = find_runner(spec) {
+        return Ok(p);
+    }
+    match crate::source_root() {
+        Some(root) => build_runner(&root, spec, RUNNER_PROFILE),
+        None => bail!(
+            "no kiln-runner for target `{}` found; build one with `cargo xtask runner --target {}` \
+             or set KILN_RUNNER_DIR",
+            spec.name,
+            spec.name
+        ),
+    }
+}
+
 /// Cross-builds the runner for `spec` from the source tree at `root` with `profile`, checks
 /// the ELF against the spec, and returns the path of the installed runner.
 pub fn build_runner(root: &Path, spec: &TargetSpec, profile: &str) -> Result<PathBuf> {
