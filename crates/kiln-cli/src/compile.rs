@@ -73,7 +73,17 @@ pub struct CompileArgs {
 pub fn compile(args: &CompileArgs) -> Result<CompileReport> {
     let spec = kiln_target::find(&kiln_target::targets_dir()?, &args.target)?;
     let model = load_model(&args.model, &args.input_shapes)?;
-    let nnef = kiln_graph::nnef::to_nnef_bytes(&model)?;
+    // A kiln NNEF input (e.g. `kiln optimize` output) ships as written: a load/re-write
+    // round trip through tract 0.23 is not always loadable (max_pool gains a second output).
+    let nnef = if model.format == kiln_graph::ModelFormat::Nnef
+        && args.input_shapes.is_empty()
+        && args.model.is_file()
+    {
+        std::fs::read(&args.model)
+            .with_context(|| format!("cannot read {}", args.model.display()))?
+    } else {
+        kiln_graph::nnef::to_nnef_bytes(&model)?
+    };
     let runner_path = runner_for(&spec, args.runner.as_deref())?;
     let runner = std::fs::read(&runner_path)
         .with_context(|| format!("cannot read runner {}", runner_path.display()))?;
