@@ -320,8 +320,8 @@ fn bad_manifests_fail_cleanly_and_write_nothing() {
         ),
         (
             "max_accuracy_drop = 0.5",
-            "max_accuracy_drop = 0.5\nprune = \"channels:0.3\"",
-            &["kiln.toml:43:", "model.optimize.prune", "not supported yet"],
+            "max_accuracy_drop = 0.5\nprune = \"shears:0.3\"",
+            &["kiln.toml:43:", "model.optimize.prune", "shears"],
         ),
         (
             "baseline = \"kiln-baseline.json\"",

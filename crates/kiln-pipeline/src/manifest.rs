@@ -148,6 +148,9 @@ pub struct OptimizeSpec {
     pub keep_f32: Vec<String>,
     /// Quantize depthwise convolutions too.
     pub int8_everywhere: bool,
+    /// Pruning before quantization (`magnitude:F` or `channels:F`; first and last layers
+    /// skipped), as `kiln optimize --prune`.
+    pub prune: Option<String>,
 }
 
 /// Where the private signing key comes from (never the key itself in the manifest).
@@ -420,17 +423,14 @@ impl Validator<'_> {
             .map(|c| self.file(c, "model.golden"))
             .transpose()?;
         let o = m.optimize.unwrap_or_default();
-        if let Some(p) = &o.prune {
-            return Err(self.err(
-                p.span(),
-                "model.optimize.prune",
-                format!(
-                    "pruning (`{}`) is not supported yet by this kiln: `kiln optimize --prune` is \
-                     not part of it; remove the key",
-                    p.get_ref()
-                ),
-            ));
-        }
+        let prune = match &o.prune {
+            None => None,
+            Some(p) => {
+                kiln_prune::spec::parse_method(p.get_ref())
+                    .map_err(|e| self.err(p.span(), "model.optimize.prune", format!("{e:#}")))?;
+                Some(p.get_ref().clone())
+            }
+        };
         let quantize = match &o.quantize {
             None => None,
             Some(q) if q.get_ref() == "none" => None,
@@ -501,6 +501,7 @@ impl Validator<'_> {
                 max_accuracy_drop: o.max_accuracy_drop.map(|d| *d.get_ref()),
                 keep_f32,
                 int8_everywhere: o.int8_everywhere,
+                prune,
             },
         })
     }
@@ -839,10 +840,10 @@ max_accuracy_drop = 1
             ),
             (
                 "max_accuracy_drop = 1",
-                "max_accuracy_drop = 1\nprune = \"channels:0.3\"",
+                "max_accuracy_drop = 1\nprune = \"channels:1.3\"",
                 ":23:",
                 "model.optimize.prune",
-                "not supported yet",
+                "[0, 1)",
             ),
             (
                 "baseline = \"base.json\"",

@@ -25,6 +25,8 @@ use crate::package::{build_artifact, ArtifactJob};
 pub const BUILD_SCHEMA: &str = "kiln.build/1";
 const NNEF_FILE: &str = "model.nnef.tar";
 const REPORT_FILE: &str = "optimize.json";
+/// The pruning report (`kiln.prune/1`) of the optimize stage, when `prune` is set.
+const PRUNE_REPORT_FILE: &str = "prune.json";
 const RUNNER_FILE: &str = "kiln-runner";
 const COMPILE_FILE: &str = "compile.json";
 const ARTIFACT_FILE: &str = "artifact.kiln";
@@ -636,6 +638,7 @@ fn optimize_inputs(model: &ModelSpec) -> Result<BTreeMap<String, String>> {
             "max_accuracy_drop": o.max_accuracy_drop,
             "keep_f32": o.keep_f32,
             "int8_everywhere": o.int8_everywhere,
+            "prune": o.prune,
             "input_shapes": model.input_shapes,
         })
         .to_string(),
@@ -667,6 +670,21 @@ fn run_optimize(model: &ModelSpec) -> Result<BTreeMap<String, Vec<u8>>> {
     let load = LoadOptions { input_shapes };
     let mut files = BTreeMap::new();
     let o = &model.optimize;
+    // Pruning first (kiln-prune), then quantization measured against the unpruned model.
+    let pruned = match &o.prune {
+        None => None,
+        Some(p) => {
+            let spec = kiln_prune::spec::PruneSpec::new(kiln_prune::spec::parse_method(p)?);
+            let original = kiln_graph::load::read_onnx_proto(&model.path)?;
+            let (m, report) = kiln_prune::prune(&original, &spec)
+                .with_context(|| format!("pruning {}", model.path.display()))?;
+            files.insert(
+                PRUNE_REPORT_FILE.to_string(),
+                serde_json::to_vec_pretty(&report)?,
+            );
+            Some(m)
+        }
+    };
     match o.quantize {
         Some(precision) => {
             let opts = Options {
@@ -680,7 +698,7 @@ fn run_optimize(model: &ModelSpec) -> Result<BTreeMap<String, Vec<u8>>> {
                 progress: false,
                 int8_everywhere: o.int8_everywhere,
             };
-            let done = kiln_opt::optimize::optimize(&model.path, &opts)?;
+            let done = kiln_opt::optimize::optimize_from(&model.path, pruned, &opts)?;
             files.insert(
                 NNEF_FILE.to_string(),
                 kiln_graph::nnef::to_nnef_bytes(&done.model)?,
@@ -691,7 +709,10 @@ fn run_optimize(model: &ModelSpec) -> Result<BTreeMap<String, Vec<u8>>> {
             );
         }
         None => {
-            let m = kiln_graph::load(&model.path, &load)?;
+            let m = match pruned {
+                Some(p) => kiln_graph::load::load_onnx_proto(&p, &model.path, &load)?,
+                None => kiln_graph::load(&model.path, &load)?,
+            };
             files.insert(NNEF_FILE.to_string(), kiln_graph::nnef::to_nnef_bytes(&m)?);
         }
     }
