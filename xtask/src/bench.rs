@@ -14,7 +14,8 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("size") => size(root),
         Some("package") => package(root),
         Some("runtime") => runtime(root),
-        _ => bail!("usage: cargo xtask bench size|package|runtime"),
+        Some("quantize") => crate::qbench::quantize(root),
+        _ => bail!("usage: cargo xtask bench size|package|runtime|quantize"),
     }
 }
 
