@@ -6,7 +6,7 @@ onnxruntime's own tools and measure the results, printed as one JSON line.
 - quantize_static: QDQ format, per_channel=True, MinMax, int8 weights and activations
   (QInt8/QInt8, ORT's recommended CPU setting), calibrated on every sample of CALIB.npz.
 - quantize_dynamic: QInt8 weights (ORT's default op set: MatMul/Gemm/Conv/Gather...).
-- accuracy on EVAL.npz (arrays with a leading N axis): top-1 in percent when it holds
+- accuracy on EVAL.npz (a dataset: arrays with a leading N axis; or one sample): top-1 in percent when it holds
   `labels`, else 100 x cosine of the first output to the fp32 model's, over all samples at
   once (what `kiln optimize --eval` reports).
 - latency: median of ITERS runs on SAMPLE.npz, 1 thread (intra_op_num_threads=1).
@@ -25,13 +25,17 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 model_path, calib_path, eval_path, sample_path, outdir, iters = sys.argv[1:7]
 iters = int(iters)
 os.makedirs(outdir, exist_ok=True)
-inputs = [i.name for i in onnx.load(model_path, load_external_data=False).graph.input]
+graph_inputs = onnx.load(model_path, load_external_data=False).graph.input
+inputs = [i.name for i in graph_inputs]
+shapes = {i.name: i.type.tensor_type.shape.dim for i in graph_inputs}
 
 
 def dataset(path):
     """Per-sample feeds of an .npz whose arrays carry a leading N axis."""
     d = dict(np.load(path))
     labels = d.pop("labels", None)
+    if d[inputs[0]].ndim == len(shapes[inputs[0]]):  # one sample, not a dataset
+        d = {k: v[None] for k, v in d.items()}
     n = d[inputs[0]].shape[0]
     return [{k: d[k][i] for k in inputs} for i in range(n)], labels
 

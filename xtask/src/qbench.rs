@@ -32,22 +32,51 @@ struct Bench {
     report_eval: bool,
 }
 
-/// kiln methods run on a model: (label, --quantize, --calibration).
-fn methods(name: &str) -> Vec<(&'static str, &'static str, Option<&'static str>)> {
-    let mut m = vec![
-        ("f16", "f16", None),
-        ("int8-dynamic", "int8-dynamic", None),
-        ("int8-static", "int8-static", Some("minmax")),
+/// One `kiln optimize` configuration.
+struct Method {
+    /// Label in the table and JSON.
+    label: &'static str,
+    /// `--quantize`.
+    quantize: &'static str,
+    /// `--calibration` (int8-static).
+    calibration: Option<&'static str>,
+    /// `--max-accuracy-drop` (points; with `--eval`).
+    max_drop: Option<&'static str>,
+}
+
+/// The kiln methods run on a model.
+fn methods(name: &str) -> Vec<Method> {
+    let m = |label, quantize, calibration, max_drop| Method {
+        label,
+        quantize,
+        calibration,
+        max_drop,
+    };
+    let mut v = vec![
+        m("f16", "f16", None, None),
+        m("int8-dynamic", "int8-dynamic", None, None),
+        m("int8-static", "int8-static", Some("minmax"), None),
     ];
     if name == "digits" {
-        m.push(("int8-static/entropy", "int8-static", Some("entropy")));
-        m.push((
+        v.push(m(
+            "int8-static/entropy",
+            "int8-static",
+            Some("entropy"),
+            None,
+        ));
+        v.push(m(
             "int8-static/p99.99",
             "int8-static",
             Some("percentile:99.99"),
+            None,
         ));
     }
-    m
+    if name == "minilm_l6" {
+        // The accuracy budget (1 point of 100 x cosine = cosine 0.99): layers go back to
+        // f32 by measured sensitivity until it holds.
+        v.push(m("int8-dynamic/drop<=1", "int8-dynamic", None, Some("1")));
+    }
+    v
 }
 
 /// The models: the committed fixtures, then the `fixtures/bench` ones that exist.
@@ -73,8 +102,10 @@ fn models(root: &Path) -> Vec<Bench> {
     }
     let d = root.join("fixtures/bench");
     for (n, conv, eval) in [
-        ("mobilenetv2_224", true, "calib"),
-        ("resnet18_224", true, "calib"),
+        // One held-out sample for the 224x224 models: tract's f16 path on x86_64 (no f16
+        // arithmetic) takes seconds per ResNet-18 inference, 16 would blow the time budget.
+        ("mobilenetv2_224", true, "sample"),
+        ("resnet18_224", true, "sample"),
         ("minilm_l6", false, "data"),
     ] {
         let onnx = d.join(format!("{n}.onnx"));
@@ -209,8 +240,14 @@ pub fn quantize(root: &Path) -> Result<()> {
             "accuracy": fp32_acc["accuracy"], "top1": fp32_acc["top1"], "cosine": fp32_acc["cosine"],
             "p50_ms": fp32_ms,
         })];
-        for (label, q, calibration) in methods(&b.name) {
-            let file = label.replace('/', "-");
+        for Method {
+            label,
+            quantize: q,
+            calibration,
+            max_drop,
+        } in methods(&b.name)
+        {
+            let file = label.replace(['/', '<', '='], "-");
             let out = dir.join(format!("{file}.nnef.tar"));
             let report = dir.join(format!("{file}.report.json"));
             let mut cmd = Command::new(&kiln);
@@ -223,8 +260,11 @@ pub fn quantize(root: &Path) -> Result<()> {
             if let Some(c) = calibration {
                 cmd.arg("--calib").arg(&b.calib).args(["--calibration", c]);
             }
-            if b.report_eval {
+            if b.report_eval || max_drop.is_some() {
                 cmd.arg("--eval").arg(&b.eval);
+            }
+            if let Some(d) = max_drop {
+                cmd.args(["--max-accuracy-drop", d]);
             }
             let started = std::time::Instant::now();
             if let Err(e) = output(&mut cmd) {
@@ -415,7 +455,9 @@ fn targets(results: &[Value]) -> Vec<Value> {
     for name in ["mobilenetv2_224", "resnet18_224"] {
         let Some(m) = find(name) else { continue };
         let onnx = f(&m["onnx_size"]);
-        for (method, bound) in [("int8-static", 0.27), ("int8-dynamic", 0.27), ("f16", 0.51)] {
+        // int8 = int8-static: int8-dynamic leaves convolutions in f32 by design (tract has
+        // no int8 conv with run-time activation scales), so it is not an int8 size.
+        for (method, bound) in [("int8-static", 0.27), ("f16", 0.51)] {
             if let Some(r) = row(m, method) {
                 let raw = f(&r["size"]) / onnx;
                 let z = f(&r["size_zstd19"]) / onnx;
@@ -448,7 +490,7 @@ fn targets(results: &[Value]) -> Vec<Value> {
     }
     if let Some(m) = find("minilm_l6") {
         let onnx = f(&m["onnx_size"]);
-        for method in ["int8-dynamic", "int8-static"] {
+        for method in ["int8-dynamic", "int8-dynamic/drop<=1", "int8-static"] {
             if let Some(r) = row(m, method) {
                 let c = f(&r["cosine"]);
                 out.push(check(
