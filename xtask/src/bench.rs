@@ -15,7 +15,8 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("package") => package(root),
         Some("runtime") => runtime(root),
         Some("prune") => prune(root),
-        _ => bail!("usage: cargo xtask bench size|package|runtime|prune"),
+        Some("quantize") => crate::qbench::quantize(root),
+        _ => bail!("usage: cargo xtask bench size|package|runtime|prune|quantize"),
     }
 }
 

