@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod artifact;
+mod collect;
 mod commands;
 mod compile;
 mod demo;
@@ -80,6 +81,12 @@ enum Command {
         #[arg(long)]
         allow_downgrade: bool,
     },
+    /// Receive runner reports over HTTP (POST /v1/reports) into a SQLite store.
+    Collect(collect::CollectArgs),
+    /// List, show or export the reports a collector stored.
+    Reports(collect::ReportsArgs),
+    /// Render stored reports as a self-contained HTML page (charts and a comparison table).
+    Report(collect::ReportArgs),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -114,6 +121,9 @@ fn main() -> ExitCode {
             allow_downgrade,
         } => artifact::flash_cmd(&a, &device, &keys, &root, allow_downgrade),
         Command::Demo { fixtures } => demo::demo(fixtures),
+        Command::Collect(args) => collect::collect(args),
+        Command::Reports(args) => collect::reports(args),
+        Command::Report(args) => collect::report(args),
     };
     match result {
         Ok(code) => code,
