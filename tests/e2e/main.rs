@@ -4,6 +4,7 @@ mod support;
 
 mod artifact;
 mod bench;
+mod collect;
 mod compile;
 mod inspect;
 mod run;
