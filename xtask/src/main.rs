@@ -26,6 +26,8 @@ tasks:
   bench size         runner size per target, by section and by crate
   bench package      artifact verification throughput and packaging overhead
   bench runtime      kiln-runner vs onnxruntime latency, cold start, peak RSS (venv made by xtask)
+  bench collector    10,000 reports from 32 concurrent senders into `kiln collect`'s server:
+                     throughput, none lost, none duplicated
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 

@@ -1,4 +1,4 @@
-//! kiln report-back. Device side (always built, dependency-free beyond kiln-io and sha2):
+//! kiln report-back. Device side (always built, no dependency beyond sha2 and anyhow):
 //! `client` (minimal HTTP/1.1 POST) and `spool` (write first, send with retries and an
 //! idempotency key). Host side (feature `server`): `validate` (what a report must hold),
 //! `store` (SQLite), `server` (the HTTP collector) and `html` (the report page).

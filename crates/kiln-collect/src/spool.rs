@@ -92,7 +92,7 @@ impl Spool {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let path = self.dir.join(format!("{nanos:020}-{}.json", &key[..16]));
-        kiln_io::fsutil::write_atomic(&path, report)
+        write_atomic(&path, report)
             .with_context(|| format!("cannot spool the report in {}", self.dir.display()))?;
         Ok(path)
     }
@@ -199,8 +199,43 @@ impl Spool {
         let dest = dir.join(path.file_name().context("spool entry without a name")?);
         std::fs::rename(path, &dest)
             .with_context(|| format!("cannot move {} to {}", path.display(), dest.display()))?;
-        kiln_io::fsutil::sync_dir(&self.dir);
+        sync_dir(&self.dir);
         Ok(dest)
+    }
+}
+
+/// Writes `bytes` to `path` through a temp file in the same folder, fsync, rename, fsync
+/// of the folder: the steps of `kiln_io::fsutil::write_atomic`, repeated here so that this
+/// crate (and xtask, which sends reports) does not link tract through kiln-io.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("spool entry without a folder")?;
+    let name = path.file_name().context("spool entry without a name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Fsyncs a folder so a rename or removal inside it is durable (best effort).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
@@ -212,7 +247,7 @@ fn remove(path: &Path) -> Result<()> {
         }
         _ => {
             if let Some(d) = path.parent() {
-                kiln_io::fsutil::sync_dir(d);
+                sync_dir(d);
             }
             Ok(())
         }
