@@ -459,3 +459,66 @@ fn html_report_renders_charts_and_table_in_chromium() {
     );
     eprintln!("screenshot: {}", shot.display());
 }
+
+#[test]
+fn install_reports_go_to_the_collector_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runner, _) = runner_and_model(dir.path());
+    let key = dir.path().join("signer.pem");
+    kiln(&[&"keygen", &"-o", &key]).ok();
+    let keys = dir.path().join("trusted");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::copy(dir.path().join("signer.pem.pub"), keys.join("signer.pub")).unwrap();
+    let art = dir.path().join("cnn.kiln");
+    kiln(&[
+        &"package",
+        &dir.path().join("build"),
+        &"--key",
+        &key,
+        &"--version",
+        &"1",
+        &"-o",
+        &art,
+        &"--golden-inputs",
+        &fixture("cnn", "sample.npz"),
+    ])
+    .ok();
+    let db = dir.path().join("kiln.db");
+    let c = start_collector(&db, "127.0.0.1:0");
+    let install = || {
+        let mut cmd = Command::new(&runner);
+        cmd.arg("install")
+            .arg(&art)
+            .arg("--keys")
+            .arg(&keys)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .args(["--report-to", &c.url]);
+        run_cmd(cmd)
+    };
+    install().ok();
+    // The same version again is refused (not newer): the refusal is reported as well.
+    install().fails_with(&["not installed"]);
+    let rows = kiln(&[
+        &"reports",
+        &"list",
+        &"--db",
+        &db,
+        &"--schema",
+        &"kiln.install/1",
+        &"--json",
+    ])
+    .json();
+    let outcomes: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["installed", "rejected"]);
+    assert!(!dir.path().join("root/spool").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .path()
+        .extension()
+        .is_some_and(|x| x == "json")));
+}
