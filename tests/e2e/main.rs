@@ -5,6 +5,7 @@ mod support;
 mod artifact;
 mod bench;
 mod check;
+mod collect;
 mod compile;
 mod device;
 mod inspect;

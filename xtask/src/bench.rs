@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kiln_target::{build, elf};
 
 /// Targets whose runner sizes `bench size` reports.
@@ -16,7 +16,8 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
         Some("runtime") => runtime(root),
         Some("prune") => prune(root),
         Some("quantize") => crate::qbench::quantize(root),
-        _ => bail!("usage: cargo xtask bench size|package|runtime|prune|quantize"),
+        Some("collector") => collector(root),
+        _ => bail!("usage: cargo xtask bench size|package|runtime|prune|quantize|collector"),
     }
 }
 
@@ -492,5 +493,156 @@ fn prune(root: &Path) -> Result<()> {
     let out = root.join("target/bench/prune.json");
     std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
     println!("\nwrote {}", out.display());
+    Ok(())
+}
+
+/// Reports and concurrent senders in `bench collector`.
+const COLLECTOR_REPORTS: usize = 10_000;
+const COLLECTOR_SENDERS: usize = 32;
+
+/// The real `kiln collect` (dev profile: dependencies such as SQLite optimized, kiln's own
+/// code not) under load on loopback: 10,000 distinct reports from 32 concurrent senders
+/// (one connection per report, as devices send), then 1,000 re-sends; checks that every
+/// report is stored exactly once and prints throughput and request latency.
+fn collector(root: &Path) -> Result<()> {
+    use kiln_collect::client::{post, Endpoint};
+    use kiln_collect::spool::idempotency_key;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    crate::sh(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "build",
+            "--package",
+            "kiln",
+        ]),
+    )?;
+    let kiln = root.join("target/debug/kiln");
+    let work = root.join("target/bench/collector");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let db = work.join("kiln.db");
+    let mut child = Command::new(&kiln)
+        .args(["collect", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start kiln collect")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) else {
+        let _ = child.kill();
+        bail!("kiln collect did not start: `{}`", line.trim());
+    };
+    let endpoint = Endpoint::parse(url)?;
+    let body = |i: usize| {
+        serde_json::json!({
+            "schema": "kiln.bench/1", "model": format!("model{}", i % 7), "target": "x86_64-linux",
+            "device": format!("device{}", i % COLLECTOR_SENDERS), "precision": "f32", "emulated": false,
+            "latency_ms": {"min": 1.0, "p50": 1.0 + (i % 100) as f64 / 100.0, "p90": 2.5, "p99": 3.0, "max": 4.0, "mean": 1.6, "stddev": 0.2},
+            "profile": [{"op": "Conv", "nodes": 3, "ms": 0.9, "share": 0.6}],
+            "created_at_ms": i,
+        })
+        .to_string()
+    };
+    // Each sender: its share of indices; returns (keys, per-request latencies, failures).
+    let send = |indices: Vec<usize>, expect: u16| -> (Vec<String>, Vec<f64>, Vec<String>) {
+        let (mut keys, mut lat, mut bad) = (vec![], vec![], vec![]);
+        for i in indices {
+            let b = body(i);
+            let key = idempotency_key(b.as_bytes());
+            let t0 = Instant::now();
+            match post(&endpoint, b.as_bytes(), &key, Duration::from_secs(30)) {
+                Ok(r) if r.status == expect => {}
+                Ok(r) => bad.push(format!("report {i}: HTTP {} {}", r.status, r.body)),
+                Err(e) => bad.push(format!("report {i}: {e:#}")),
+            }
+            lat.push(t0.elapsed().as_secs_f64() * 1e3);
+            keys.push(key);
+        }
+        (keys, lat, bad)
+    };
+    let run = |n: usize, stride: usize, expect: u16| {
+        let t0 = Instant::now();
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..COLLECTOR_SENDERS)
+                .map(|t| {
+                    let idx: Vec<usize> = (0..n)
+                        .filter(|j| j % COLLECTOR_SENDERS == t)
+                        .map(|j| j * stride)
+                        .collect();
+                    s.spawn(move || send(idx, expect))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("sender thread"))
+                .collect()
+        });
+        (results, t0.elapsed().as_secs_f64())
+    };
+    let summarize = |results: &[(Vec<String>, Vec<f64>, Vec<String>)]| {
+        let mut lat: Vec<f64> = results.iter().flat_map(|r| r.1.clone()).collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+        (q(0.5), q(0.99), lat[lat.len() - 1])
+    };
+    let (first, secs) = run(COLLECTOR_REPORTS, 1, 201);
+    let (p50, p99, max) = summarize(&first);
+    let (again, secs_again) = run(COLLECTOR_REPORTS / 10, 10, 200);
+    let (dp50, dp99, _) = summarize(&again);
+    let _ = child.kill();
+    let _ = child.wait();
+    let failures: Vec<&String> = first.iter().chain(&again).flat_map(|r| &r.2).collect();
+    let mut sent: Vec<String> = first.iter().flat_map(|r| r.0.clone()).collect();
+    sent.sort();
+    let listed = Command::new(&kiln)
+        .args(["reports", "list", "--json", "--db"])
+        .arg(&db)
+        .output()?;
+    if !listed.status.success() {
+        bail!(
+            "kiln reports list failed: {}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout)?;
+    let mut stored: Vec<String> = listed
+        .as_array()
+        .context("kiln reports list --json printed no array")?
+        .iter()
+        .filter_map(|r| r["idempotency_key"].as_str().map(String::from))
+        .collect();
+    let rows = stored.len();
+    stored.sort();
+    let distinct = {
+        let mut d = stored.clone();
+        d.dedup();
+        d.len()
+    };
+    println!("\ncollector benchmark: {COLLECTOR_REPORTS} reports from {COLLECTOR_SENDERS} concurrent senders on loopback (one connection each, SQLite synchronous=FULL)\n");
+    println!(
+        "  stored:     {:>6.0} reports/s ({COLLECTOR_REPORTS} in {secs:.2} s), request p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms",
+        COLLECTOR_REPORTS as f64 / secs
+    );
+    println!(
+        "  duplicates: {:>6.0} reports/s ({} re-sent in {secs_again:.2} s, answered 200 duplicate), p50 {dp50:.2} ms, p99 {dp99:.2} ms",
+        (COLLECTOR_REPORTS / 10) as f64 / secs_again,
+        COLLECTOR_REPORTS / 10
+    );
+    println!(
+        "  rows {rows}, distinct keys {distinct}, failed requests {}",
+        failures.len()
+    );
+    if let Some(f) = failures.first() {
+        bail!("{} request(s) failed, first: {f}", failures.len());
+    }
+    if rows != COLLECTOR_REPORTS || distinct != COLLECTOR_REPORTS || stored != sent {
+        bail!(
+            "lost or duplicated reports: {rows} rows, {distinct} distinct keys, {} sent",
+            sent.len()
+        );
+    }
+    println!("  none lost, none duplicated");
     Ok(())
 }

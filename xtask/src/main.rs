@@ -33,6 +33,8 @@ tasks:
   bench quantize     kiln optimize (f16, int8 dynamic/static) vs onnxruntime quantize_static/
                      quantize_dynamic: size, accuracy, latency, the issue's targets;
                      target/bench/quantize.json
+  bench collector    10,000 reports from 32 concurrent senders into `kiln collect`'s server:
+                     throughput, none lost, none duplicated
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 

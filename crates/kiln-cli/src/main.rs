@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod artifact;
 mod bench;
 mod check;
+mod collect;
 mod commands;
 mod compile;
 mod demo;
@@ -96,6 +97,12 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Receive runner reports over HTTP (POST /v1/reports) into a SQLite store.
+    Collect(collect::CollectArgs),
+    /// List, show or export the reports a collector stored.
+    Reports(collect::ReportsArgs),
+    /// Render stored reports as a self-contained HTML page (charts and a comparison table).
+    Report(collect::ReportArgs),
     /// Walk through kiln on the bundled fixtures (the README's first command).
     Demo {
         /// Folder holding the fixtures (default: ./fixtures, else the source tree's).
@@ -132,6 +139,9 @@ fn main() -> ExitCode {
         Command::Init { model, out, force } => pipeline::init_cmd(&model, &out, force),
         Command::Demo { fixtures } => demo::demo(fixtures),
         Command::PruneScan(args) => prune::scan_cmd(args),
+        Command::Collect(args) => collect::collect(args),
+        Command::Reports(args) => collect::reports(args),
+        Command::Report(args) => collect::report(args),
     };
     match result {
         Ok(code) => code,

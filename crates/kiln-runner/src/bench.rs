@@ -96,7 +96,45 @@ pub fn bench(
         },
         "peak_rss_bytes": peak_rss(),
         "profile": profile,
+        "device": device(),
+        "precision": precision(model),
+        "created_at_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
     }))
+}
+
+/// The device's name for reports: `$KILN_DEVICE`, else the host name.
+fn device() -> Option<String> {
+    std::env::var("KILN_DEVICE")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The model's precision: the element type holding most constant (weight) bytes, as
+/// `f32`, `f16`, `int8` (8-bit, quantized or not) or the tract type name.
+fn precision(model: &TypedModel) -> Option<String> {
+    let mut bytes: HashMap<String, usize> = HashMap::new();
+    for node in model.nodes() {
+        for out in &node.outputs {
+            if let Some(k) = &out.fact.konst {
+                let name = match k.datum_type().unquantized() {
+                    DatumType::F32 => "f32".to_string(),
+                    DatumType::F16 => "f16".to_string(),
+                    DatumType::I8 | DatumType::U8 => "int8".to_string(),
+                    other => format!("{other:?}").to_lowercase(),
+                };
+                *bytes.entry(name).or_default() += k.len() * k.datum_type().size_of();
+            }
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+        .map(|(name, _)| name)
 }
 
 /// One profiled run: time per node, summed per op type, top 15 by time.

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use kiln_io::{exec, Batch};
 
 mod bench;
+mod report;
 use tract_nnef::prelude::*;
 
 const USAGE: &str = "\
@@ -17,15 +18,25 @@ usage:
   kiln-runner run      [--model M] [--root DIR] --inputs IN.npz --output OUT.npz
   kiln-runner info     [--model M] [--root DIR]
   kiln-runner bench    [--model M] [--root DIR] [--inputs IN.npz] [--iters N | --seconds S]
-                       [--warmup N] [--json OUT.json]
+                       [--warmup N] [--json OUT.json] [REPORT-BACK]
   kiln-runner install  APP.kiln --keys DIR [--root DIR] [--allow-downgrade] [--max-size BYTES]
+                       [REPORT-BACK]
+  kiln-runner send-spool --report-to URL [--spool DIR] [--root DIR] [--retry-for S]
   kiln-runner status   [--root DIR]
   kiln-runner rollback [--root DIR]
   kiln-runner version
 
 --model defaults to the model embedded in this executable (kiln compile --embed), else
 the active installed model under --root (default $KILN_ROOT, else /var/lib/kiln).
+
+REPORT-BACK: --report-to http://HOST:PORT[/PATH] [--spool DIR] [--retry-for S]
+  the report is written to the spool (default ROOT/spool) first, then POSTed with older
+  spooled reports, retrying for up to S seconds (default 30); exit code 3 when some
+  stay in the spool undelivered (a later --report-to or send-spool sends them).
 ";
+
+/// Exit code when a report was produced but stays in the spool undelivered.
+const EXIT_NOT_DELIVERED: u8 = 3;
 
 /// The kiln target this runner was built for (set by `cargo xtask runner`).
 pub(crate) const TARGET: &str = match option_env!("KILN_TARGET") {
@@ -42,6 +53,10 @@ fn main() -> ExitCode {
             Some(u) => {
                 eprintln!("error: {u}\n\n{USAGE}");
                 ExitCode::from(2)
+            }
+            None if e.downcast_ref::<report::NotDelivered>().is_some() => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_NOT_DELIVERED)
             }
             None => {
                 eprintln!("error: {e:#}");
@@ -128,8 +143,12 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                     "--seconds",
                     "--warmup",
                     "--json",
+                    "--report-to",
+                    "--spool",
+                    "--retry-for",
                 ],
             )?;
+            let back = report::ReportBack::from_opts(&o, &root(&o))?;
             let number =
                 |flag: &str, default: f64| -> Result<f64> {
                     match o.get(flag) {
@@ -166,7 +185,10 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                 Some(p) => kiln_io::fsutil::write_atomic(Path::new(p), text.as_bytes())?,
                 None => print_out(&text)?,
             }
-            Ok(())
+            match back {
+                Some(b) => b.send(Some(text.as_bytes())),
+                None => Ok(()),
+            }
         }
         Some("install") => {
             let Some(artifact) = args.get(1).filter(|a| !a.starts_with("--")) else {
@@ -175,14 +197,37 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                 ));
             };
             let (flags, allow_downgrade) = take_switch(&args[2..], "--allow-downgrade");
-            let o = Opts::parse(&flags, &["--keys", "--root", "--max-size"])?;
+            let o = Opts::parse(
+                &flags,
+                &[
+                    "--keys",
+                    "--root",
+                    "--max-size",
+                    "--report-to",
+                    "--spool",
+                    "--retry-for",
+                ],
+            )?;
+            let back = report::ReportBack::from_opts(&o, &root(&o))?;
             install(
                 Path::new(artifact),
                 Path::new(o.require("--keys")?),
                 &root(&o),
                 allow_downgrade,
                 o.get("--max-size"),
+                back,
             )
+        }
+        Some("send-spool") => {
+            let o = Opts::parse(
+                &args[1..],
+                &["--report-to", "--spool", "--root", "--retry-for"],
+            )?;
+            o.require("--report-to")?;
+            match report::ReportBack::from_opts(&o, &root(&o))? {
+                Some(b) => b.send(None),
+                None => Err(usage("send-spool needs --report-to URL")),
+            }
         }
         Some("status") => {
             let o = Opts::parse(&args[1..], &["--root"])?;
@@ -283,6 +328,7 @@ fn install(
     root: &Path,
     allow_downgrade: bool,
     max_size: Option<&str>,
+    back: Option<report::ReportBack>,
 ) -> Result<()> {
     let keys = kiln_artifact::keys::read_trusted_keys(keys)?;
     let mut limits = kiln_artifact::Limits::default();
@@ -297,7 +343,17 @@ fn install(
         target: (TARGET != "host").then(|| TARGET.to_string()),
     };
     let report = kiln_artifact::install::install(artifact, &keys, root, &opts, &self_test)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    // The collector hears about refusals too; a refusal still fails this command below.
+    if let Some(b) = back {
+        let sent = b.send(Some(text.as_bytes()));
+        if report.outcome == "installed" {
+            sent?;
+        } else if let Err(e) = sent {
+            eprintln!("warning: {e:#}");
+        }
+    }
     if report.outcome != "installed" {
         bail!(
             "{} not installed ({}): {}",
