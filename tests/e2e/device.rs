@@ -186,6 +186,13 @@ fn bench_local_and_qemu_in_one_call() {
     assert_eq!(local["device"], "local");
     assert!(out.join("bench-qemu-aarch64.json").is_file());
     assert!(out.join("aarch64-linux/kiln-runner").is_file());
+    // The run's reports went through a collector into OUT/kiln.db.
+    let listed = kiln(&[&"reports", &"list", &"--db", &out.join("kiln.db")]);
+    let text = listed.ok();
+    assert!(
+        text.contains("local") && text.contains("qemu-aarch64"),
+        "{text}"
+    );
     // The table names each device and its target.
     let t = kiln(&[
         &"bench",

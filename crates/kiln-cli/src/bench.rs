@@ -91,6 +91,13 @@ pub struct BenchArgs {
     /// (OUT/bench-DEVICE.json) and the summary (OUT/bench.json).
     #[arg(short = 'o', long = "out")]
     pub out: Option<PathBuf>,
+    /// Collect the run's reports through a collector kiln starts for it, into this SQLite
+    /// store (default: OUT/kiln.db with -o); `kiln reports --db` reads it.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Write the HTML report of the store (latency CDFs, per-op charts, device table).
+    #[arg(long, value_name = "OUT.html")]
+    pub html: Option<PathBuf>,
     /// Print the summary as JSON (schema kiln.bench-run/1) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -133,6 +140,17 @@ pub fn bench_cmd(a: BenchArgs) -> Result<ExitCode> {
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
     }
+    let db =
+        a.db.clone()
+            .or_else(|| a.out.as_ref().map(|o| o.join("kiln.db")));
+    let db = match (&db, &a.html) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(h)) => Some(h.with_extension("db")),
+        (None, None) => None,
+    };
+    if let Some(db) = &db {
+        collect_run(&rows, db, a.html.as_deref(), a.json)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -151,6 +169,61 @@ pub fn bench_cmd(a: BenchArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Sends the run's reports to a collector started for this run (the same HTTP path and
+/// idempotency keys devices use), then renders the HTML report when asked.
+fn collect_run(
+    rows: &[Row],
+    db: &std::path::Path,
+    html: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    // With --json, stdout carries only the JSON document.
+    let say = |m: String| {
+        if json {
+            eprintln!("{m}")
+        } else {
+            println!("{m}")
+        }
+    };
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let collector = kiln_collect::server::start_ephemeral(db)?;
+    let endpoint = kiln_collect::client::Endpoint::parse(&collector.url())?;
+    for r in rows {
+        if let Ok(report) = &r.result {
+            let body = serde_json::to_vec(report)?;
+            let key = kiln_collect::spool::idempotency_key(&body);
+            let resp = kiln_collect::client::post(
+                &endpoint,
+                &body,
+                &key,
+                std::time::Duration::from_secs(10),
+            )?;
+            if !resp.delivered() {
+                anyhow::bail!("the collector refused {}'s report: {:?}", r.device, resp);
+            }
+        }
+    }
+    collector.stop();
+    let store = kiln_collect::store::Store::open_existing(db)?;
+    let all = store.list(&kiln_collect::store::Filter {
+        with_body: true,
+        ..Default::default()
+    })?;
+    say(format!(
+        "collected into {} ({} report(s) stored)",
+        db.display(),
+        all.len()
+    ));
+    if let Some(html) = html {
+        let page = kiln_collect::html::render(&all, &db.display().to_string())?;
+        kiln_io::fsutil::write_atomic(html, page.as_bytes())?;
+        say(format!("wrote {}", html.display()));
+    }
+    Ok(())
 }
 
 /// Resolves devices and targets, compiles what is needed, benchmarks on every device in

@@ -302,9 +302,12 @@ fn flash_args(artifact: &Path, device: &str, keys: &Path, root: &Path) -> FlashA
 }
 
 /// Step 4: `kiln bench` on `local` and `qemu-aarch64`: each device gets its target's
-/// runner, runs `kiln-runner bench` there, and the reports come back into one table.
+/// runner, runs `kiln-runner bench` there, the reports come back into one table, through a
+/// collector started for the run into a SQLite store, and into an HTML report.
 fn bench_on_devices(dir: &Path) -> Result<bool> {
     println!("4. benchmark mobilenet on local and qemu-aarch64 (kiln bench: compile per device, deploy, run, collect)");
+    let reports = std::env::temp_dir().join("kiln-demo-reports");
+    let _ = std::fs::remove_dir_all(&reports);
     let code = crate::bench::bench_cmd(crate::bench::BenchArgs {
         model: dir.join("mobilenet/model.onnx"),
         devices: vec!["local".into(), "qemu-aarch64".into()],
@@ -315,6 +318,8 @@ fn bench_on_devices(dir: &Path) -> Result<bool> {
         inputs: Some(dir.join("mobilenet/sample.npz")),
         input_shapes: vec![],
         out: None,
+        db: Some(reports.join("kiln.db")),
+        html: Some(reports.join("report.html")),
         json: false,
         device: Default::default(),
     })?;

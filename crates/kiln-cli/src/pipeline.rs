@@ -171,6 +171,8 @@ fn bench(p: &Pipeline) -> Result<ExitCode> {
             inputs: m.golden.clone(),
             input_shapes: vec![],
             out: Some(p.out.join(&m.name).join("bench")),
+            db: None,
+            html: None,
             json: false,
             device: Default::default(),
         };
