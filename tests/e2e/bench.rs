@@ -66,10 +66,46 @@ fn bench_bad_arguments() {
     let spec = kiln_target::find(&fixtures().join("../targets"), "x86_64-linux").unwrap();
     let runner = kiln_target::build::find_runner(&spec).unwrap();
     let r = run_cmd({
-        let mut c = std::process::Command::new(runner);
+        let mut c = std::process::Command::new(&runner);
         c.args(["bench", "--iters", "-3"]);
         c
     });
     r.fails_with(&["--iters `-3`"]);
     assert_eq!(r.code, 2);
+    // Thread counts: 0 is not one; the size-optimized x86_64-linux runner is built
+    // single-threaded and says which targets are not.
+    let model = fixture("digits", "model.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    kiln(&[
+        &"compile",
+        &model,
+        &"--target",
+        &"x86_64-linux",
+        &"-o",
+        &dir.path(),
+    ])
+    .ok();
+    let nnef = dir.path().join("digits.nnef.tar");
+    for (threads, needle) in [("0", "not a thread count"), ("4", "built single-threaded")] {
+        let r = run_cmd({
+            let mut c = std::process::Command::new(&runner);
+            c.arg("bench")
+                .arg("--model")
+                .arg(&nnef)
+                .args(["--threads", threads]);
+            c
+        });
+        r.fails_with(&[needle]);
+        assert_eq!(r.code, 2);
+    }
+    let r = run_cmd({
+        let mut c = std::process::Command::new(&runner);
+        c.arg("bench")
+            .arg("--model")
+            .arg(&nnef)
+            .args(["--threads", "1", "--iters", "3"]);
+        c
+    });
+    let j: serde_json::Value = serde_json::from_str(r.ok()).unwrap();
+    assert_eq!(j["threads"], 1);
 }

@@ -248,6 +248,8 @@ fn runtime(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let rounds = 3;
     let mut rows = vec![];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let thread_counts: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
     for (name, model, sample) in &models {
         let out = work.join(format!("compiled-{name}"));
         crate::sh(
@@ -260,63 +262,68 @@ fn runtime(root: &Path) -> Result<()> {
         // `kiln compile` names the model after its file, or its folder for `model.onnx`.
         let nnef = out.join(format!("{name}.nnef.tar"));
         let iters = if name.ends_with("224") { "20" } else { "200" };
-        let (mut kiln_p50, mut ort_p50) = (vec![], vec![]);
-        let (mut kiln_last, mut ort_last) = (serde_json::Value::Null, serde_json::Value::Null);
-        for _ in 0..rounds {
-            let report = work.join(format!("{name}.kiln.json"));
-            crate::sh(
-                Command::new(out.join("kiln-runner"))
-                    .arg("bench")
-                    .arg("--model")
-                    .arg(&nnef)
-                    .arg("--inputs")
+        for &threads in &thread_counts {
+            let t = threads.to_string();
+            let (mut kiln_p50, mut ort_p50) = (vec![], vec![]);
+            let (mut kiln_last, mut ort_last) = (serde_json::Value::Null, serde_json::Value::Null);
+            for _ in 0..rounds {
+                let report = work.join(format!("{name}.kiln.json"));
+                crate::sh(
+                    Command::new(out.join("kiln-runner"))
+                        .arg("bench")
+                        .arg("--model")
+                        .arg(&nnef)
+                        .arg("--inputs")
+                        .arg(sample)
+                        .args(["--iters", iters, "--threads", &t, "--json"])
+                        .arg(&report),
+                )?;
+                kiln_last = serde_json::from_slice(&std::fs::read(&report)?)?;
+                kiln_p50.push(kiln_last["latency_ms"]["p50"].as_f64().unwrap_or(f64::NAN));
+                let o = Command::new(&python)
+                    .arg(&script)
+                    .arg(model)
                     .arg(sample)
-                    .args(["--iters", iters, "--json"])
-                    .arg(&report),
-            )?;
-            kiln_last = serde_json::from_slice(&std::fs::read(&report)?)?;
-            kiln_p50.push(kiln_last["latency_ms"]["p50"].as_f64().unwrap_or(f64::NAN));
-            let o = Command::new(&python)
-                .arg(&script)
-                .arg(model)
-                .arg(sample)
-                .args([iters, "1"])
-                .output()?;
-            if !o.status.success() {
-                bail!(
-                    "onnxruntime bench failed on {name}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
+                    .args([iters, &t])
+                    .output()?;
+                if !o.status.success() {
+                    bail!(
+                        "onnxruntime bench failed on {name}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                ort_last = serde_json::from_slice(&o.stdout)?;
+                ort_p50.push(ort_last["p50"].as_f64().unwrap_or(f64::NAN));
             }
-            ort_last = serde_json::from_slice(&o.stdout)?;
-            ort_p50.push(ort_last["p50"].as_f64().unwrap_or(f64::NAN));
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            let (k, o) = (med(&mut kiln_p50), med(&mut ort_p50));
+            rows.push(serde_json::json!({
+                "model": name,
+                "threads": threads,
+                "kiln_p50_ms": k,
+                "onnxruntime_p50_ms": o,
+                "ratio": k / o,
+                "kiln_cold_start_ms": kiln_last["cold_start_ms"]["total"],
+                "onnxruntime_cold_start_ms": ort_last["cold_start_ms"],
+                "kiln_peak_rss_bytes": kiln_last["peak_rss_bytes"],
+                "onnxruntime_peak_rss_bytes": ort_last["peak_rss_bytes"],
+                "kiln_top_op": kiln_last["profile"][0],
+            }));
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        let (k, o) = (med(&mut kiln_p50), med(&mut ort_p50));
-        rows.push(serde_json::json!({
-            "model": name,
-            "kiln_p50_ms": k,
-            "onnxruntime_p50_ms": o,
-            "ratio": k / o,
-            "kiln_cold_start_ms": kiln_last["cold_start_ms"]["total"],
-            "onnxruntime_cold_start_ms": ort_last["cold_start_ms"],
-            "kiln_peak_rss_bytes": kiln_last["peak_rss_bytes"],
-            "onnxruntime_peak_rss_bytes": ort_last["peak_rss_bytes"],
-            "kiln_top_op": kiln_last["profile"][0],
-        }));
     }
-    println!("\nkiln-runner ({RUNTIME_TARGET}) vs onnxruntime, 1 thread, median of {rounds} alternating rounds\n");
+    println!("\nkiln-runner ({RUNTIME_TARGET}) vs onnxruntime, same thread count, median of {rounds} alternating rounds\n");
     println!(
-        "{:<16} {:>10} {:>10} {:>7} {:>11} {:>11}  kiln's top op",
-        "model", "kiln ms", "ort ms", "ratio", "kiln cold", "ort cold"
+        "{:<16} {:>7} {:>10} {:>10} {:>7} {:>11} {:>11}  kiln's top op",
+        "model", "threads", "kiln ms", "ort ms", "ratio", "kiln cold", "ort cold"
     );
     for r in &rows {
         println!(
-            "{:<16} {:>10.3} {:>10.3} {:>6.2}x {:>9.1}ms {:>9.1}ms  {} ({:.0}%)",
+            "{:<16} {:>7} {:>10.3} {:>10.3} {:>6.2}x {:>9.1}ms {:>9.1}ms  {} ({:.0}%)",
             r["model"].as_str().unwrap_or(""),
+            r["threads"].as_u64().unwrap_or(1),
             r["kiln_p50_ms"].as_f64().unwrap_or(0.0),
             r["onnxruntime_p50_ms"].as_f64().unwrap_or(0.0),
             r["ratio"].as_f64().unwrap_or(0.0),

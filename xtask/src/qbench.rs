@@ -281,7 +281,7 @@ pub fn quantize(root: &Path) -> Result<()> {
                 .map(|a| a.iter().take(6).cloned().collect())
                 .unwrap_or_default();
             rows.push(json!({
-                "method": label, "size": r["size"]["output"], "size_zstd19": r["size"]["output_zstd19"],
+                "method": label, "size": r["size"]["output"], "size_zstd19": r["size"]["output_zstd"],
                 "accuracy": acc["accuracy"], "top1": acc["top1"], "cosine": acc["cosine"],
                 "report_accuracy": r["accuracy"], "p50_ms": ms, "optimize_s": optimize_s,
                 "kept_f32": r["kept_f32"].as_array().map_or(0, Vec::len),

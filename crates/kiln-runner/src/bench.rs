@@ -15,6 +15,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Timed runs (at least this many)...
     pub iters: usize,
+    /// Threads tract's matrix products use (`--threads`).
+    pub threads: usize,
     /// ...or, when set, runs until this much time has passed (at least 3).
     pub seconds: Option<f64>,
 }
@@ -80,7 +82,7 @@ pub fn bench(
         "runner_version": env!("CARGO_PKG_VERSION"),
         "emulated": emulated,
         "cpu": { "model": cpu_model, "features": cpu_features },
-        "threads": 1,
+        "threads": opts.threads,
         "iterations": times.len(),
         "warmup": opts.warmup,
         "latency_ms": {

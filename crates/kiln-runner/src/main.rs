@@ -15,10 +15,10 @@ use tract_nnef::prelude::*;
 
 const USAGE: &str = "\
 usage:
-  kiln-runner run      [--model M] [--root DIR] --inputs IN.npz --output OUT.npz
+  kiln-runner run      [--model M] [--root DIR] --inputs IN.npz --output OUT.npz [--threads N]
   kiln-runner info     [--model M] [--root DIR]
   kiln-runner bench    [--model M] [--root DIR] [--inputs IN.npz] [--iters N | --seconds S]
-                       [--warmup N] [--json OUT.json] [REPORT-BACK]
+                       [--warmup N] [--threads N] [--json OUT.json] [REPORT-BACK]
   kiln-runner install  APP.kiln --keys DIR [--root DIR] [--allow-downgrade] [--max-size BYTES]
                        [REPORT-BACK]
   kiln-runner send-spool --report-to URL [--spool DIR] [--root DIR] [--retry-for S]
@@ -117,10 +117,40 @@ impl Opts {
     }
 }
 
+/// Applies `--threads N` (default 1): tract's matrix products on a pool of N threads.
+/// Runners are single-threaded unless built with feature `threads` (a target's
+/// `runner_features`): a pool costs binary size every device pays for.
+fn threads(flag: Option<&str>) -> Result<usize> {
+    let n =
+        match flag {
+            None => return Ok(1),
+            Some(v) => v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                usage(format!("--threads `{v}` is not a thread count (1 or more)"))
+            })?,
+        };
+    if n > 1 {
+        #[cfg(feature = "threads")]
+        tract_linalg::multithread::set_default_executor(
+            tract_linalg::multithread::Executor::multithread(n),
+        );
+        #[cfg(not(feature = "threads"))]
+        return Err(usage(format!(
+            "--threads {n}: this runner ({}) was built single-threaded; use 1, or a target \
+             whose runner_features include `threads` (e.g. x86_64-linux-v3, aarch64-linux-a76)",
+            TARGET
+        )));
+    }
+    Ok(n)
+}
+
 fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("run") => {
-            let o = Opts::parse(&args[1..], &["--model", "--root", "--inputs", "--output"])?;
+            let o = Opts::parse(
+                &args[1..],
+                &["--model", "--root", "--inputs", "--output", "--threads"],
+            )?;
+            threads(o.get("--threads"))?;
             let model = load(o.get("--model").map(Path::new), &root(&o))?;
             run(
                 model,
@@ -146,9 +176,11 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                     "--report-to",
                     "--spool",
                     "--retry-for",
+                    "--threads",
                 ],
             )?;
             let back = report::ReportBack::from_opts(&o, &root(&o))?;
+            let threads = threads(o.get("--threads"))?;
             let number =
                 |flag: &str, default: f64| -> Result<f64> {
                     match o.get(flag) {
@@ -159,6 +191,7 @@ fn dispatch(args: &[String], started: std::time::Instant) -> Result<()> {
                     }
                 };
             let opts = bench::BenchOptions {
+                threads,
                 warmup: number("--warmup", 5.0)? as usize,
                 iters: number("--iters", 50.0)? as usize,
                 seconds: o
