@@ -3,7 +3,7 @@
 //! regression, 2 on usage or input errors. The logic lives in `kiln-check`.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +13,8 @@ use kiln_check::measure::{self, BenchCase, BenchPlan, Kind, Measurement, Metric}
 use kiln_check::{compare, Baseline, Budgets, MeasureSpec};
 
 use crate::commands::{load_model, read_batch, run_and_compare};
-use crate::compile::{model_stem, runner_for};
+use crate::compile::runner_for;
+use kiln_graph::load::model_stem;
 
 /// What to measure, from the command line (else from the baseline's `measure` section).
 #[derive(clap::Args, Debug, Default)]
@@ -428,7 +429,9 @@ fn relative_spec(spec: &MeasureSpec, baseline: &Path) -> Result<MeasureSpec> {
         let abs = Path::new(p)
             .canonicalize()
             .with_context(|| format!("cannot resolve {p}"))?;
-        Ok(relative_path(&abs, &dir).display().to_string())
+        Ok(kiln_io::fsutil::relative_path(&abs, &dir)
+            .display()
+            .to_string())
     };
     let mut s = spec.clone();
     for m in &mut s.models {
@@ -441,21 +444,6 @@ fn relative_spec(spec: &MeasureSpec, baseline: &Path) -> Result<MeasureSpec> {
     }
     s.reference = s.reference.as_deref().map(rel).transpose()?;
     Ok(s)
-}
-
-/// `path` relative to `base` (both absolute): `../x/y` as needed.
-fn relative_path(path: &Path, base: &Path) -> PathBuf {
-    let p: Vec<Component> = path.components().collect();
-    let b: Vec<Component> = base.components().collect();
-    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..b.len() {
-        out.push("..");
-    }
-    for c in &p[common..] {
-        out.push(c);
-    }
-    out
 }
 
 /// Measures everything `spec` names: model sizes (source and runner form), accuracy, the
@@ -573,7 +561,7 @@ mod tests {
     #[test]
     fn relative_paths() {
         let r = |p: &str, b: &str| {
-            relative_path(Path::new(p), Path::new(b))
+            kiln_io::fsutil::relative_path(Path::new(p), Path::new(b))
                 .display()
                 .to_string()
         };

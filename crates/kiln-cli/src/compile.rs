@@ -93,7 +93,7 @@ pub fn compile(args: &CompileArgs) -> Result<CompileReport> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
-    let stem = model_stem(&args.model);
+    let stem = kiln_graph::load::model_stem(&args.model);
     let model_file = args.out.join(format!("{stem}.nnef.tar"));
     kiln_io::fsutil::write_atomic(&model_file, &nnef)?;
     let (mut runner_file, mut embedded_file, mut embedded_bytes) = (None, None, None);
@@ -135,25 +135,6 @@ pub fn compile(args: &CompileArgs) -> Result<CompileReport> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     Ok(report)
-}
-
-/// A model's short name: its file stem, or its folder's name for `.../NAME/model.onnx`.
-pub fn model_stem(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let stem = name
-        .trim_end_matches(".onnx")
-        .trim_end_matches(".tar")
-        .trim_end_matches(".nnef");
-    // `fixtures/cnn/model.onnx` -> `cnn`: a folder name says more than `model`.
-    if stem == "model" {
-        if let Some(dir) = path.parent().and_then(|p| p.file_name()) {
-            return dir.to_string_lossy().into_owned();
-        }
-    }
-    stem.to_string()
 }
 
 #[cfg(unix)]

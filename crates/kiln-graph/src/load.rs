@@ -175,6 +175,11 @@ pub fn read_onnx_proto(path: &Path) -> Result<pb::ModelProto> {
         bail!("model file {} does not exist", path.display());
     }
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_onnx(&bytes, path)
+}
+
+/// Parses ONNX protobuf bytes; `path` names them in the error.
+fn parse_onnx(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
     tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| {
@@ -189,16 +194,7 @@ pub fn read_onnx_proto(path: &Path) -> Result<pb::ModelProto> {
 /// Loads an ONNX model from memory (e.g. a pass's output); `path` names it in messages and
 /// its parent folder resolves external data.
 pub fn load_onnx_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
-    let proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut &bytes[..])
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not a valid ONNX model: the protobuf does not parse ({e}). \
-                 Is the file truncated or corrupted, or not an .onnx file?",
-                path.display()
-            )
-        })?;
-    load_onnx_proto(&proto, path, opts)
+    load_onnx_proto(&parse_onnx(bytes, path)?, path, opts)
 }
 
 fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
@@ -374,4 +370,23 @@ impl Model {
     pub fn output_names(&self) -> Result<Vec<String>> {
         kiln_io::exec::output_names(&self.typed)
     }
+}
+
+/// A model's short name: its file stem, or its folder's name for `.../NAME/model.onnx`.
+pub fn model_stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let stem = name
+        .trim_end_matches(".onnx")
+        .trim_end_matches(".tar")
+        .trim_end_matches(".nnef");
+    // `fixtures/cnn/model.onnx` -> `cnn`: a folder name says more than `model`.
+    if stem == "model" {
+        if let Some(dir) = path.parent().and_then(|p| p.file_name()) {
+            return dir.to_string_lossy().into_owned();
+        }
+    }
+    stem.to_string()
 }

@@ -65,6 +65,21 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// `path` relative to `base` (both absolute): `../x/y` as needed.
+pub fn relative_path(path: &Path, base: &Path) -> PathBuf {
+    let p: Vec<std::path::Component> = path.components().collect();
+    let b: Vec<std::path::Component> = base.components().collect();
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! `kiln init MODEL`: a commented `kiln.toml` for a model, with the data files found beside
 //! it (`calib.npz`, `data.npz`, `sample.npz`) filled in and every other key shown commented.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -23,7 +23,9 @@ pub fn template(model: &Path, manifest: &Path) -> Result<String> {
     let rel = |p: &Path| -> Result<String> {
         let abs = std::path::absolute(p)?;
         let base = std::path::absolute(&dir)?;
-        Ok(relative_path(&abs, &base).display().to_string())
+        Ok(kiln_io::fsutil::relative_path(&abs, &base)
+            .display()
+            .to_string())
     };
     let model_rel = rel(model)?;
     let beside = |f: &str| model.parent().map(|d| d.join(f)).filter(|p| p.is_file());
@@ -35,7 +37,7 @@ pub fn template(model: &Path, manifest: &Path) -> Result<String> {
     };
     let calib = beside("calib.npz");
     let eval = beside("data.npz");
-    let name = crate::manifest::model_stem(model);
+    let name = kiln_graph::load::model_stem(model);
     let mut t = String::new();
     t += "# kiln.toml: the pipeline `kiln build` runs (optimize, compile per target, sign).\n";
     t += "# Every key is described in docs/kiln-toml.md; paths are relative to this file.\n";
@@ -106,21 +108,6 @@ pub fn template(model: &Path, manifest: &Path) -> Result<String> {
     Ok(t)
 }
 
-/// `path` relative to `base` (both absolute): `../x/y` as needed.
-fn relative_path(path: &Path, base: &Path) -> PathBuf {
-    let p: Vec<Component> = path.components().collect();
-    let b: Vec<Component> = base.components().collect();
-    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..b.len() {
-        out.push("..");
-    }
-    for c in &p[common..] {
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,7 +140,7 @@ mod tests {
     #[test]
     fn relative_paths() {
         let r = |p: &str, b: &str| {
-            relative_path(Path::new(p), Path::new(b))
+            kiln_io::fsutil::relative_path(Path::new(p), Path::new(b))
                 .display()
                 .to_string()
         };

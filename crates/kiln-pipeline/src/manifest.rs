@@ -399,7 +399,7 @@ impl Validator<'_> {
                 }
                 n.get_ref().clone()
             }
-            None => model_stem(&path),
+            None => kiln_graph::load::model_stem(&path),
         };
         let mut input_shapes = vec![];
         for s in &m.input_shapes {
@@ -625,24 +625,6 @@ fn worse_direction(key: &str) -> Option<bool> {
         "accuracy" | "cosine" => Some(false),
         _ => None,
     }
-}
-
-/// A model's short name: its file stem, or its folder's name for `.../NAME/model.onnx`.
-pub fn model_stem(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let stem = name
-        .trim_end_matches(".onnx")
-        .trim_end_matches(".tar")
-        .trim_end_matches(".nnef");
-    if stem == "model" {
-        if let Some(dir) = path.parent().and_then(|p| p.file_name()) {
-            return dir.to_string_lossy().into_owned();
-        }
-    }
-    stem.to_string()
 }
 
 #[cfg(test)]
@@ -933,7 +915,10 @@ max_accuracy_drop = 1
 
     #[test]
     fn model_names() {
-        assert_eq!(model_stem(Path::new("f/digits/model.onnx")), "digits");
-        assert_eq!(model_stem(Path::new("net.onnx")), "net");
+        assert_eq!(
+            kiln_graph::load::model_stem(Path::new("f/digits/model.onnx")),
+            "digits"
+        );
+        assert_eq!(kiln_graph::load::model_stem(Path::new("net.onnx")), "net");
     }
 }
