@@ -244,7 +244,7 @@ fn relu_model(path: &Path) {
         }),
         ..Default::default()
     };
-    std::fs::write(path, kiln_opt::onnx::to_bytes(&model)).unwrap();
+    std::fs::write(path, kiln_graph::proto::to_bytes(&model)).unwrap();
 }
 
 #[test]

@@ -199,7 +199,7 @@ fn print_table(rows: &[Row]) {
         "id", "received (UTC)", "schema", "model", "device", "prec", "p50 ms", "p99 ms"
     );
     for r in rows {
-        let note = match (&r.outcome, r.emulated) {
+        let note = match (&r.summary.outcome, r.summary.emulated) {
             (Some(out), _) => out.clone(),
             (None, Some(true)) => "emulated".into(),
             _ => String::new(),
@@ -208,12 +208,12 @@ fn print_table(rows: &[Row]) {
             "{:>5}  {:<20} {:<14} {:<22} {:<16} {:<6} {:>10} {:>10}  {note}",
             r.id,
             kiln_collect::html::utc(r.received_at_ms),
-            r.schema,
-            o(&r.model),
-            o(&r.device),
-            o(&r.precision),
-            f(r.p50_ms),
-            f(r.p99_ms),
+            r.summary.schema,
+            o(&r.summary.model),
+            o(&r.summary.device),
+            o(&r.summary.precision),
+            f(r.summary.p50_ms),
+            f(r.summary.p99_ms),
         );
     }
     println!("{} report(s)", rows.len());
@@ -243,21 +243,27 @@ fn csv(rows: &[Row]) -> String {
             r.id.to_string(),
             q(&Some(r.idempotency_key.clone())),
             r.received_at_ms.to_string(),
-            q(&Some(r.schema.clone())),
-            q(&r.model),
-            q(&r.device),
-            q(&r.target),
-            q(&r.arch),
-            q(&r.precision),
-            r.emulated.map(|b| b.to_string()).unwrap_or_default(),
-            n(r.p50_ms),
-            n(r.p90_ms),
-            n(r.p99_ms),
-            n(r.mean_ms),
-            n(r.throughput_per_s),
-            n(r.cold_start_ms),
-            r.peak_rss_bytes.map(|b| b.to_string()).unwrap_or_default(),
-            q(&r.outcome),
+            q(&Some(r.summary.schema.clone())),
+            q(&r.summary.model),
+            q(&r.summary.device),
+            q(&r.summary.target),
+            q(&r.summary.arch),
+            q(&r.summary.precision),
+            r.summary
+                .emulated
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
+            n(r.summary.p50_ms),
+            n(r.summary.p90_ms),
+            n(r.summary.p99_ms),
+            n(r.summary.mean_ms),
+            n(r.summary.throughput_per_s),
+            n(r.summary.cold_start_ms),
+            r.summary
+                .peak_rss_bytes
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
+            q(&r.summary.outcome),
         ];
         out.push_str(&fields.join(","));
         out.push('\n');

@@ -114,7 +114,7 @@ pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
     done.report.prune = prune_report.map(|r| serde_json::to_value(&r)).transpose()?;
     // Serialize before writing anything: an op the runner cannot read fails here.
     let bytes = if as_onnx {
-        kiln_opt::onnx::to_bytes(&done.onnx)
+        kiln_graph::proto::to_bytes(&done.onnx)
     } else {
         kiln_graph::nnef::to_nnef_bytes(&done.model)?
     };

@@ -134,7 +134,7 @@ pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
 
 /// The bytes of `model` in the form `out`'s name asks for.
 fn output_bytes(model: &ModelProto, out: &Path) -> Result<Vec<u8>> {
-    let bytes = kiln_prune::eval::encode(model);
+    let bytes = kiln_graph::proto::to_bytes(model);
     if out
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))

@@ -60,13 +60,13 @@ impl Group<'_> {
 /// Renders the page for `rows` (with bodies) read from `source` (named in the header).
 pub fn render(rows: &[Row], source: &str) -> Result<String> {
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.schema == "kiln.bench/1") {
-        let model = r.model.clone().unwrap_or_else(|| "?".into());
+    for r in rows.iter().filter(|r| r.summary.schema == "kiln.bench/1") {
+        let model = r.summary.model.clone().unwrap_or_else(|| "?".into());
         let label = format!(
             "{} · {} · {}",
-            r.device.as_deref().unwrap_or("?"),
-            r.target.as_deref().unwrap_or("?"),
-            r.precision.as_deref().unwrap_or("?")
+            r.summary.device.as_deref().unwrap_or("?"),
+            r.summary.target.as_deref().unwrap_or("?"),
+            r.summary.precision.as_deref().unwrap_or("?")
         );
         groups
             .entry((model.clone(), label.clone()))
@@ -89,7 +89,7 @@ pub fn render(rows: &[Row], source: &str) -> Result<String> {
         "<h1>kiln benchmark report</h1>\n<p>{} report(s) from <code>{}</code>: {} benchmark(s) of {} model(s) on {} device/precision group(s).</p>\n",
         rows.len(),
         escape(source),
-        rows.iter().filter(|r| r.schema == "kiln.bench/1").count(),
+        rows.iter().filter(|r| r.summary.schema == "kiln.bench/1").count(),
         by_model.len(),
         groups.len()
     ));
@@ -101,29 +101,29 @@ pub fn render(rows: &[Row], source: &str) -> Result<String> {
     for (model, gs) in &by_model {
         let best = gs
             .iter()
-            .filter_map(|g| g.latest().p50_ms)
+            .filter_map(|g| g.latest().summary.p50_ms)
             .fold(f64::INFINITY, f64::min);
         for g in gs {
             let r = g.latest();
             let f = |x: Option<f64>, p: usize| x.map_or("-".into(), |v| format!("{v:.p$}"));
-            let ratio = r.p50_ms.map(|p| p / best);
-            let emulated = r.emulated == Some(true);
+            let ratio = r.summary.p50_ms.map(|p| p / best);
+            let emulated = r.summary.emulated == Some(true);
             h.push_str(&format!(
                 "<tr{}><td class=\"l\">{}</td><td class=\"l\">{}{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 if ratio == Some(1.0) { " class=\"best\"" } else { "" },
                 escape(model),
-                escape(r.device.as_deref().unwrap_or("?")),
+                escape(r.summary.device.as_deref().unwrap_or("?")),
                 if emulated { " <span class=\"emu\">(emulated)</span>" } else { "" },
-                escape(r.target.as_deref().unwrap_or("?")),
-                escape(r.precision.as_deref().unwrap_or("?")),
+                escape(r.summary.target.as_deref().unwrap_or("?")),
+                escape(r.summary.precision.as_deref().unwrap_or("?")),
                 g.rows.len(),
-                f(r.p50_ms, 3),
-                f(r.p90_ms, 3),
-                f(r.p99_ms, 3),
+                f(r.summary.p50_ms, 3),
+                f(r.summary.p90_ms, 3),
+                f(r.summary.p99_ms, 3),
                 f(ratio, 2),
-                f(r.throughput_per_s, 1),
-                f(r.cold_start_ms, 1),
-                f(r.peak_rss_bytes.map(|b| b as f64 / 1e6), 1),
+                f(r.summary.throughput_per_s, 1),
+                f(r.summary.cold_start_ms, 1),
+                f(r.summary.peak_rss_bytes.map(|b| b as f64 / 1e6), 1),
             ));
         }
     }
@@ -152,7 +152,7 @@ pub fn render(rows: &[Row], source: &str) -> Result<String> {
 
     let installs: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.schema == "kiln.install/1")
+        .filter(|r| r.summary.schema == "kiln.install/1")
         .collect();
     if !installs.is_empty() {
         h.push_str("<h2>Installs</h2>\n<table id=\"installs\"><tr><th class=\"l\">received (UTC)</th><th class=\"l\">model</th><th class=\"l\">device</th><th class=\"l\">outcome</th><th class=\"l\">detail</th></tr>\n");
@@ -166,9 +166,9 @@ pub fn render(rows: &[Row], source: &str) -> Result<String> {
             h.push_str(&format!(
                 "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td></tr>\n",
                 utc(r.received_at_ms),
-                escape(r.model.as_deref().unwrap_or("?")),
-                escape(r.device.as_deref().unwrap_or("?")),
-                escape(r.outcome.as_deref().unwrap_or("?")),
+                escape(r.summary.model.as_deref().unwrap_or("?")),
+                escape(r.summary.device.as_deref().unwrap_or("?")),
+                escape(r.summary.outcome.as_deref().unwrap_or("?")),
                 escape(detail)
             ));
         }
@@ -216,11 +216,11 @@ fn cdf_chart(model: &str, groups: &[&Group]) -> Result<String> {
             let lat = r.report.as_ref()?.get("latency_ms")?;
             let q = |k: &str| lat.get(k).and_then(Value::as_f64);
             let pts = vec![
-                (q("min").or(r.p50_ms)?, 0.0),
-                (r.p50_ms?, 0.5),
-                (r.p90_ms?, 0.9),
-                (r.p99_ms?, 0.99),
-                (q("max").or(r.p99_ms)?, 1.0),
+                (q("min").or(r.summary.p50_ms)?, 0.0),
+                (r.summary.p50_ms?, 0.5),
+                (r.summary.p90_ms?, 0.9),
+                (r.summary.p99_ms?, 0.99),
+                (q("max").or(r.summary.p99_ms)?, 1.0),
             ];
             Some((g.label.clone(), pts))
         })

@@ -63,36 +63,9 @@ pub struct Row {
     pub idempotency_key: String,
     /// When the collector stored it (Unix time, ms).
     pub received_at_ms: i64,
-    /// Report schema.
-    pub schema: String,
-    /// Model name.
-    pub model: Option<String>,
-    /// Device name.
-    pub device: Option<String>,
-    /// Runner target.
-    pub target: Option<String>,
-    /// CPU architecture.
-    pub arch: Option<String>,
-    /// Model precision.
-    pub precision: Option<String>,
-    /// Ran under emulation.
-    pub emulated: Option<bool>,
-    /// Median latency, ms.
-    pub p50_ms: Option<f64>,
-    /// 90th percentile latency, ms.
-    pub p90_ms: Option<f64>,
-    /// 99th percentile latency, ms.
-    pub p99_ms: Option<f64>,
-    /// Mean latency, ms.
-    pub mean_ms: Option<f64>,
-    /// Inferences per second.
-    pub throughput_per_s: Option<f64>,
-    /// Cold start total, ms.
-    pub cold_start_ms: Option<f64>,
-    /// Peak RSS, bytes.
-    pub peak_rss_bytes: Option<i64>,
-    /// Install outcome.
-    pub outcome: Option<String>,
+    /// The indexed facts (schema, model, device, latencies, ...), flattened in JSON.
+    #[serde(flatten)]
+    pub summary: Summary,
     /// The report as received (left out of listings).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub report: Option<Value>,
@@ -238,9 +211,7 @@ impl Store {
 
     /// Reports matching `f`.
     pub fn list(&self, f: &Filter) -> Result<Vec<Row>> {
-        let mut sql = String::from(
-            "SELECT id, idempotency_key, received_at_ms, schema, model, device, target, arch, precision, emulated, p50_ms, p90_ms, p99_ms, mean_ms, throughput_per_s, cold_start_ms, peak_rss_bytes, outcome, body FROM reports WHERE 1=1",
-        );
+        let mut sql = format!("{SELECT_ROWS} WHERE 1=1");
         let mut args: Vec<&dyn rusqlite::ToSql> = vec![];
         for (col, v) in [
             ("model", &f.model),
@@ -267,15 +238,16 @@ impl Store {
     /// One report with its body.
     pub fn get(&self, id: i64) -> Result<Option<Row>> {
         self.conn
-            .query_row(
-                "SELECT id, idempotency_key, received_at_ms, schema, model, device, target, arch, precision, emulated, p50_ms, p90_ms, p99_ms, mean_ms, throughput_per_s, cold_start_ms, peak_rss_bytes, outcome, body FROM reports WHERE id = ?1",
-                [id],
-                |r| row(r, true),
-            )
+            .query_row(&format!("{SELECT_ROWS} WHERE id = ?1"), [id], |r| {
+                row(r, true)
+            })
             .optional()
             .with_context(|| format!("cannot read report {id}"))
     }
 }
+
+/// The columns [`row`] reads, in its order.
+const SELECT_ROWS: &str = "SELECT id, idempotency_key, received_at_ms, schema, model, device, target, arch, precision, emulated, p50_ms, p90_ms, p99_ms, mean_ms, throughput_per_s, cold_start_ms, peak_rss_bytes, outcome, body FROM reports";
 
 fn row(r: &rusqlite::Row, with_body: bool) -> rusqlite::Result<Row> {
     let body: String = r.get(18)?;
@@ -283,21 +255,23 @@ fn row(r: &rusqlite::Row, with_body: bool) -> rusqlite::Result<Row> {
         id: r.get(0)?,
         idempotency_key: r.get(1)?,
         received_at_ms: r.get(2)?,
-        schema: r.get(3)?,
-        model: r.get(4)?,
-        device: r.get(5)?,
-        target: r.get(6)?,
-        arch: r.get(7)?,
-        precision: r.get(8)?,
-        emulated: r.get(9)?,
-        p50_ms: r.get(10)?,
-        p90_ms: r.get(11)?,
-        p99_ms: r.get(12)?,
-        mean_ms: r.get(13)?,
-        throughput_per_s: r.get(14)?,
-        cold_start_ms: r.get(15)?,
-        peak_rss_bytes: r.get(16)?,
-        outcome: r.get(17)?,
+        summary: Summary {
+            schema: r.get(3)?,
+            model: r.get(4)?,
+            device: r.get(5)?,
+            target: r.get(6)?,
+            arch: r.get(7)?,
+            precision: r.get(8)?,
+            emulated: r.get(9)?,
+            p50_ms: r.get(10)?,
+            p90_ms: r.get(11)?,
+            p99_ms: r.get(12)?,
+            mean_ms: r.get(13)?,
+            throughput_per_s: r.get(14)?,
+            cold_start_ms: r.get(15)?,
+            peak_rss_bytes: r.get(16)?,
+            outcome: r.get(17)?,
+        },
         // The body was valid JSON when stored; a hand-edited row shows as a string.
         report: with_body.then(|| serde_json::from_str(&body).unwrap_or(Value::String(body))),
     })

@@ -8,7 +8,7 @@ use serde_json::Value;
 pub const ACCEPTED_SCHEMAS: &[&str] = &["kiln.bench/1", "kiln.install/1"];
 
 /// The indexed facts of one report (the whole body is stored beside them).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// `kiln.bench/1` or `kiln.install/1`.
     pub schema: String,

@@ -4,6 +4,7 @@ pub mod inspect;
 pub mod load;
 pub mod nnef;
 pub mod prequant;
+pub mod proto;
 pub mod run;
 
 pub use inspect::{inspect, Inspection};

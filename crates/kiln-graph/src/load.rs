@@ -169,36 +169,14 @@ fn onnx_dtype(elem_type: i32) -> (&'static str, u64) {
     }
 }
 
-/// Reads and parses an ONNX file into its protobuf form (what kiln's graph passes edit).
-pub fn read_onnx_proto(path: &Path) -> Result<pb::ModelProto> {
-    if !path.exists() {
-        bail!("model file {} does not exist", path.display());
-    }
-    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_onnx(&bytes, path)
-}
-
-/// Parses ONNX protobuf bytes; `path` names them in the error.
-fn parse_onnx(bytes: &[u8], path: &Path) -> Result<pb::ModelProto> {
-    tract_onnx::onnx()
-        .proto_model_for_read(&mut &bytes[..])
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not a valid ONNX model: the protobuf does not parse ({e}). \
-                 Is the file truncated or corrupted, or not an .onnx file?",
-                path.display()
-            )
-        })
-}
-
 /// Loads an ONNX model from memory (e.g. a pass's output); `path` names it in messages and
 /// its parent folder resolves external data.
 pub fn load_onnx_bytes(bytes: &[u8], path: &Path, opts: &LoadOptions) -> Result<Model> {
-    load_onnx_proto(&parse_onnx(bytes, path)?, path, opts)
+    load_onnx_proto(&crate::proto::parse(bytes, path)?, path, opts)
 }
 
 fn load_onnx(path: &Path, opts: &LoadOptions) -> Result<Model> {
-    let proto = read_onnx_proto(path)?;
+    let proto = crate::proto::read_onnx_proto(path)?;
     load_onnx_proto(&proto, path, opts)
 }
 

@@ -85,6 +85,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn relative_paths() {
+        let r = |p: &str, b: &str| {
+            relative_path(Path::new(p), Path::new(b))
+                .display()
+                .to_string()
+        };
+        assert_eq!(r("/a/b/c.onnx", "/a"), "b/c.onnx");
+        assert_eq!(r("/a/x/c.onnx", "/a/b"), "../x/c.onnx");
+    }
+
+    #[test]
     fn replaces_whole_file_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("out.bin");

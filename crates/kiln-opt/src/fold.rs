@@ -5,6 +5,7 @@ use anyhow::Result;
 use tract_onnx::pb::ModelProto;
 
 use crate::onnx::{self, Names};
+use kiln_graph::proto;
 
 /// Folds every `Conv → BatchNormalization` pair whose conv output feeds only the BN and whose
 /// weights and BN parameters are initializers; returns the names of the folded BN nodes.
@@ -43,10 +44,10 @@ pub fn fold_batch_norms(model: &mut ModelProto) -> Result<Vec<String>> {
                 .map(|n| inits.get(n.as_str()))
                 .collect();
             let Some(params) = params else { continue };
-            let w = onnx::read_f32(w)?;
+            let w = proto::read_f32(w)?;
             let p: Vec<Vec<f32>> = params
                 .iter()
-                .map(|t| onnx::read_f32(t).map(|t| t.data))
+                .map(|t| proto::read_f32(t).map(|t| t.data))
                 .collect::<Result<_>>()?;
             let out_ch = w.shape.first().copied().unwrap_or(0);
             if out_ch == 0 || p.iter().any(|v| v.len() != out_ch) {
@@ -54,7 +55,7 @@ pub fn fold_batch_norms(model: &mut ModelProto) -> Result<Vec<String>> {
             }
             let bias = match conv.input.get(2).filter(|s| !s.is_empty()) {
                 Some(b) => match inits.get(b.as_str()) {
-                    Some(t) => onnx::read_f32(t)?.data,
+                    Some(t) => proto::read_f32(t)?.data,
                     None => continue,
                 },
                 None => vec![0.0; out_ch],

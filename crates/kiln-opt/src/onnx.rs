@@ -3,38 +3,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{bail, Context, Result};
-use prost::Message;
+use anyhow::{Context, Result};
 use tract_onnx::pb::{
     attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto,
     NodeProto, TensorProto, ValueInfoProto,
 };
-
-/// A dense tensor read from an initializer: shape and values widened to f32.
-#[derive(Debug, Clone, PartialEq)]
-pub struct F32Tensor {
-    /// Dimensions.
-    pub shape: Vec<usize>,
-    /// Row-major values.
-    pub data: Vec<f32>,
-}
-
-impl F32Tensor {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    /// True when the tensor holds no element.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
-
-/// Serializes a model to ONNX protobuf bytes.
-pub fn to_bytes(model: &ModelProto) -> Vec<u8> {
-    model.encode_to_vec()
-}
 
 /// The graph of a model, or an error saying the model has none.
 pub fn graph(model: &ModelProto) -> Result<&GraphProto> {
@@ -50,57 +23,6 @@ pub fn graph_mut(model: &mut ModelProto) -> Result<&mut GraphProto> {
         .graph
         .as_mut()
         .context("the ONNX model holds no graph")
-}
-
-/// Reads an f32 (or f16/f64/integer) initializer as f32 values.
-pub fn read_f32(t: &TensorProto) -> Result<F32Tensor> {
-    let shape: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
-    let count: usize = shape.iter().product();
-    if t.data_location == Some(1) {
-        bail!(
-            "tensor `{}` keeps its data in an external file; kiln's passes need it inline",
-            t.name
-        );
-    }
-    let raw = &t.raw_data;
-    let data: Vec<f32> = match DataType::try_from(t.data_type).ok() {
-        Some(DataType::Float) if !raw.is_empty() => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Some(DataType::Float) => t.float_data.clone(),
-        Some(DataType::Float16) if !raw.is_empty() => raw
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Some(DataType::Double) if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
-            .collect(),
-        Some(DataType::Double) => t.double_data.iter().map(|&v| v as f32).collect(),
-        Some(DataType::Int64) if !raw.is_empty() => raw
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
-            .collect(),
-        Some(DataType::Int64) => t.int64_data.iter().map(|&v| v as f32).collect(),
-        Some(DataType::Int32) if !raw.is_empty() => raw
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-            .collect(),
-        Some(DataType::Int32) => t.int32_data.iter().map(|&v| v as f32).collect(),
-        other => bail!(
-            "tensor `{}` has element type {other:?}, not a float tensor",
-            t.name
-        ),
-    };
-    if data.len() != count {
-        bail!(
-            "tensor `{}` should hold {count} values for shape {shape:?} but holds {}",
-            t.name,
-            data.len()
-        );
-    }
-    Ok(F32Tensor { shape, data })
 }
 
 fn tensor(name: &str, dims: &[usize], data_type: DataType, raw_data: Vec<u8>) -> TensorProto {
@@ -121,15 +43,6 @@ pub fn f32_tensor(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
         DataType::Float,
         data.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
-}
-
-/// An f16 initializer.
-pub fn f16_tensor(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
-    let raw = data
-        .iter()
-        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-        .collect();
-    tensor(name, dims, DataType::Float16, raw)
 }
 
 /// An int8 initializer.

@@ -329,12 +329,12 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
         }
     }
     let pruned = start.is_some();
-    let mut proto = match start {
-        Some(p) => p,
-        None => kiln_graph::load::read_onnx_proto(path)?,
-    };
+    // The source file is read once: it is the fp32 reference, and the graph to optimize
+    // unless the caller starts from its own (pruned) graph.
+    let original = kiln_graph::proto::read_onnx_proto(path)?;
     let source_size = std::fs::metadata(path)?.len();
-    let fp32 = kiln_graph::load(path, &opts.load)?;
+    let fp32 = load_proto(&original, path, &opts.load)?;
+    let mut proto = start.unwrap_or(original);
     onnx::constants_to_initializers(&mut proto)?;
     quant::name_nodes(&mut proto)?;
     let folded = fold::fold_batch_norms(&mut proto)?;

@@ -24,6 +24,7 @@ use tract_onnx::pb::{ModelProto, NodeProto};
 
 use crate::calib::act_params;
 use crate::onnx::{self, Names};
+use kiln_graph::proto;
 
 /// Which int8 scheme to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -78,7 +79,7 @@ fn clip_bounds(
                     } else {
                         f32::INFINITY
                     }),
-                    Some(name) => onnx::read_f32(inits.get(name.as_str())?)
+                    Some(name) => proto::read_f32(inits.get(name.as_str())?)
                         .ok()?
                         .data
                         .first()
@@ -143,7 +144,7 @@ pub fn conv_granularity(model: &ModelProto, layer: &Layer) -> Result<Option<Gran
     let Some(w) = n.input.get(1).and_then(|w| inits.get(w.as_str())) else {
         return Ok(None);
     };
-    let w = onnx::read_f32(w)?;
+    let w = proto::read_f32(w)?;
     Ok(Some(weight_granularity(&w.data, w.shape[0])))
 }
 
@@ -357,13 +358,13 @@ impl Rewriter<'_> {
             .iter()
             .find(|t| t.name == init)
             .ok_or_else(|| anyhow::anyhow!("missing {init}"))?;
-        Ok(onnx::read_f32(t)?.data[0])
+        Ok(proto::read_f32(t)?.data[0])
     }
 
     fn conv(
         &mut self,
         n: &NodeProto,
-        w: &onnx::F32Tensor,
+        w: &proto::F32Tensor,
         bias: Option<Vec<f32>>,
         out: &str,
     ) -> Result<()> {
@@ -425,7 +426,7 @@ impl Rewriter<'_> {
     fn matmul(
         &mut self,
         n: &NodeProto,
-        w: &onnx::F32Tensor,
+        w: &proto::F32Tensor,
         bias: Option<String>,
         alpha: f32,
         mode: Int8Mode,
@@ -582,7 +583,7 @@ impl Rewriter<'_> {
         Ok(())
     }
 
-    fn gather(&mut self, n: &NodeProto, w: &onnx::F32Tensor) -> Result<()> {
+    fn gather(&mut self, n: &NodeProto, w: &proto::F32Tensor) -> Result<()> {
         let (rows, cols) = (w.shape[0], w.shape[1]);
         let (wq, ws) = quantize_symmetric(&w.data, rows, cols, true);
         let base = n.name.clone();
@@ -662,13 +663,13 @@ pub fn quantize(
             continue;
         }
         let ctx = || format!("quantizing node `{}` ({})", n.name, n.op_type);
-        let read = |ix: usize| -> Result<onnx::F32Tensor> {
+        let read = |ix: usize| -> Result<proto::F32Tensor> {
             let t = n
                 .input
                 .get(ix)
                 .and_then(|w| inits.get(w.as_str()))
                 .ok_or_else(|| anyhow::anyhow!("input {ix} is not a constant"))?;
-            onnx::read_f32(t)
+            proto::read_f32(t)
         };
         use anyhow::Context as _;
         match n.op_type.as_str() {
@@ -709,7 +710,7 @@ pub fn quantize(
                 let alpha = onnx::get_float(n, "alpha").unwrap_or(1.0);
                 rw.matmul(
                     n,
-                    &onnx::F32Tensor {
+                    &proto::F32Tensor {
                         shape: vec![k, nn],
                         data,
                     },

@@ -675,7 +675,7 @@ fn run_optimize(model: &ModelSpec) -> Result<BTreeMap<String, Vec<u8>>> {
         None => None,
         Some(p) => {
             let spec = kiln_prune::spec::PruneSpec::new(kiln_prune::spec::parse_method(p)?);
-            let original = kiln_graph::load::read_onnx_proto(&model.path)?;
+            let original = kiln_graph::proto::read_onnx_proto(&model.path)?;
             let (m, report) = kiln_prune::prune(&original, &spec)
                 .with_context(|| format!("pruning {}", model.path.display()))?;
             files.insert(

@@ -6,13 +6,6 @@ use anyhow::{bail, Context, Result};
 use kiln_graph::{LoadOptions, Model};
 use kiln_io::compare::{compare, top1_accuracy};
 use kiln_io::{Batch, NamedTensors};
-use prost::Message;
-use tract_onnx::pb::ModelProto;
-
-/// Encodes a model to ONNX bytes.
-pub fn encode(model: &ModelProto) -> Vec<u8> {
-    model.encode_to_vec()
-}
 
 /// Loads ONNX `bytes` with tract (`name` labels messages), symbolic input dims set to 1.
 pub fn load(bytes: &[u8], name: &str) -> Result<Model> {

@@ -38,8 +38,8 @@ pub fn prune(model: &ModelProto, spec: &PruneSpec) -> Result<(ModelProto, PruneR
             }
         );
     }
-    let before = eval::encode(model);
-    let after = eval::encode(&pruned);
+    let before = kiln_graph::proto::to_bytes(model);
+    let after = kiln_graph::proto::to_bytes(&pruned);
     let m_before = eval::load(&before, "the original model")?;
     let m_after = eval::load(&after, "the pruned model")?;
     eval::check_same_shapes(&m_before, &m_after)?;
@@ -141,8 +141,8 @@ pub fn evaluate(
     data: &NamedTensors,
     origin: &str,
 ) -> Result<AccuracyReport> {
-    let before = eval::load(&eval::encode(original), "the original model")?;
-    let after = eval::load(&eval::encode(pruned), "the pruned model")?;
+    let before = eval::load(&kiln_graph::proto::to_bytes(original), "the original model")?;
+    let after = eval::load(&kiln_graph::proto::to_bytes(pruned), "the pruned model")?;
     let (out_b, acc_b, n) = eval::run(&before, data, origin)?;
     let (out_a, acc_a, _) = eval::run(&after, data, origin)?;
     let dataset = out_b
@@ -162,14 +162,7 @@ pub fn evaluate(
 
 /// Reads an ONNX file into its protobuf form.
 pub fn read_model(path: &std::path::Path) -> Result<ModelProto> {
-    use anyhow::Context;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let model: ModelProto = prost::Message::decode(&bytes[..]).map_err(|e| {
-        anyhow::anyhow!(
-            "{} is not a valid ONNX model: the protobuf does not parse ({e})",
-            path.display()
-        )
-    })?;
+    let model = kiln_graph::proto::read_onnx_proto(path)?;
     if model.graph.as_ref().is_none_or(|g| g.output.is_empty()) {
         bail!(
             "{} is not an ONNX model: it holds no graph with outputs",

@@ -66,7 +66,7 @@ pub fn scan(
             "the model has nothing to prune: no Conv, Gemm or MatMul node with an f32 weight initializer"
         );
     }
-    let bytes = eval::encode(model);
+    let bytes = kiln_graph::proto::to_bytes(model);
     let original = eval::load(&bytes, "the original model")?;
     let (ref_out, acc, samples) = eval::run(&original, data, origin)?;
     let dataset = ref_out
@@ -96,7 +96,10 @@ pub fn scan(
                         return Ok(None);
                     }
                 }
-                let m = eval::load(&eval::encode(&pruned), &format!("{} at {level}", l.name))?;
+                let m = eval::load(
+                    &kiln_graph::proto::to_bytes(&pruned),
+                    &format!("{} at {level}", l.name),
+                )?;
                 let (out, acc, _) = eval::run(&m, data, origin)?;
                 let (cos, _, top1) = eval::agreement(&ref_out, &out, dataset)?;
                 Ok(Some(match metric {

@@ -15,24 +15,7 @@ pub fn read_f32(t: &TensorProto) -> Result<Vec<f32>> {
             t.data_type
         );
     }
-    let n = numel(&t.dims);
-    let v: Vec<f32> = if !t.raw_data.is_empty() {
-        t.raw_data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    } else {
-        t.float_data.clone()
-    };
-    if v.len() != n {
-        bail!(
-            "initializer `{}` holds {} values for shape {:?} (external data is not supported)",
-            t.name,
-            v.len(),
-            t.dims
-        );
-    }
-    Ok(v)
+    Ok(kiln_graph::proto::read_f32(t)?.data)
 }
 
 /// Replaces an initializer's shape and values (stored as raw data).
