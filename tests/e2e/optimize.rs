@@ -123,6 +123,40 @@ fn int8_static_mobilenet_folds_bn_quantizes_convs_and_keeps_depthwise_for_speed(
     assert!(out * 10 < src * 6, "int8 NNEF {out} vs fp32 ONNX {src}");
 }
 
+/// kiln's requantization pass (kiln_io::passes) replaces tract's unfused per-channel
+/// `Scale` on the quantized 1x1 convs and computes the same outputs as tract's own lowering
+/// (`KILN_NO_PASSES`) within rounding of the fixed-point multipliers.
+#[test]
+fn requant_pass_fuses_per_channel_scales_and_agrees_with_tracts_lowering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = fixture("mobilenet", "calib.npz");
+    let r = check(
+        tmp.path(),
+        "mobilenet",
+        "int8-static",
+        &["--calib", calib.to_str().unwrap()],
+    );
+    let ops = ops(&r);
+    assert!(ops.iter().any(|o| o == "OptMatMul"), "{ops:?}");
+    assert!(!ops.iter().any(|o| o == "Scale"), "{ops:?}");
+    let nnef = tmp.path().join("mobilenet.int8-static.nnef.tar");
+    let data = fixture("mobilenet", "data.npz");
+    let ours = tmp.path().join("ours.npz");
+    let tracts = tmp.path().join("tracts.npz");
+    kiln(&[&"run", &nnef, &"--inputs", &data, &"--output", &ours]).ok();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env("KILN_NO_PASSES", "1");
+    cmd.arg("run").arg(&nnef).arg("--inputs").arg(&data);
+    cmd.arg("--output").arg(&tracts);
+    run_cmd(cmd).ok();
+    let want = kiln_io::read_tensors(&tracts).unwrap();
+    let got = kiln_io::read_tensors(&ours).unwrap();
+    for ((_, g), (_, w)) in got.iter().zip(&want) {
+        let c = kiln_io::compare::compare(g, w, g.rank()).unwrap();
+        assert!(c.cosine > 0.999, "{c:?}");
+    }
+}
+
 #[test]
 fn f16_and_int8_dynamic_stay_close_to_fp32() {
     let tmp = tempfile::tempdir().unwrap();

@@ -113,6 +113,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = kiln_io::configure_tract() {
+        eprintln!("warning: cannot apply kiln's tract settings: {e:#}");
+    }
     let result = match cli.command {
         Command::Inspect {
             model,

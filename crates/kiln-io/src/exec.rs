@@ -58,10 +58,22 @@ pub fn prepare(
             .collect();
         model = model.set_symbols(&subs)?;
     }
-    let model = model
-        .into_optimized()
+    optimize(model)?.into_runnable()
+}
+
+/// tract's declutter, kiln's passes (`crate::passes`), then tract's codegen: the graph host
+/// and device run. The passes go after declutter so that tract's axis moves (which would
+/// undo their reshapes) are done with, and before codegen, which fuses what they emit.
+pub fn optimize(mut model: TypedModel) -> Result<TypedModel> {
+    crate::configure_tract()?;
+    model
+        .declutter()
+        .context("tract cannot simplify this model")?;
+    crate::passes::run(&mut model)?;
+    model
+        .optimize()
         .context("tract cannot optimize this model")?;
-    model.into_runnable()
+    Ok(model)
 }
 
 /// Runs every sample of `batch` through `plan`; outputs are named `names` and stacked

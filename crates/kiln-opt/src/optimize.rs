@@ -298,7 +298,7 @@ fn latency_ms(model: &Model, batch: &Batch) -> Result<f64> {
 }
 
 fn op_histogram(model: &Model) -> Result<Vec<(String, usize)>> {
-    let optimized = model.typed.clone().into_optimized()?;
+    let optimized = kiln_io::exec::optimize(model.typed.clone())?;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for n in optimized.nodes() {
         *counts.entry(n.op.name().to_string()).or_default() += 1;

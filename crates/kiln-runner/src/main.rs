@@ -47,6 +47,9 @@ pub(crate) const TARGET: &str = match option_env!("KILN_TARGET") {
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = kiln_io::configure_tract() {
+        eprintln!("warning: cannot apply kiln's tract settings: {e:#}");
+    }
     match dispatch(&args, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<UsageError>() {
