@@ -9,8 +9,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use kiln_io::{exec, Batch};
 
+mod alloc;
 mod bench;
 mod report;
+
+/// Large buffers are reused across inferences instead of mapped anew (see `alloc`).
+#[global_allocator]
+static ALLOC: alloc::Caching = alloc::Caching::new();
 use tract_nnef::prelude::*;
 
 const USAGE: &str = "\
