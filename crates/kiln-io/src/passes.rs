@@ -31,10 +31,15 @@ const MIN_MULTIPLIER: f64 = 32.0;
 /// What the passes changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassStats {
-    /// Quantized einsums (1x1 convs) whose per-channel requantization became fixed point.
+    /// Quantized einsums with an 8-bit output (1x1 convs) made plain and requantized after.
     pub requant_fixed_point: usize,
-    /// Per-channel einsums left to tract (a multiplier would be too coarse).
+    /// Of those, the ones requantized by tract's f32 per-channel `Scale` (unfused) because a
+    /// fixed-point multiplier would be too coarse.
     pub requant_left: usize,
+    /// Quantized einsums with an int32 output (`MatMulInteger`) made plain.
+    pub int32_plain: usize,
+    /// Quantized convs whose activation zero point moved into the bias.
+    pub conv_zero_point: usize,
 }
 
 /// Runs kiln's passes on `model` in place (none with `KILN_NO_PASSES` set: to compare
@@ -45,6 +50,7 @@ pub fn run(model: &mut TypedModel) -> Result<PassStats> {
     if std::env::var_os("KILN_NO_PASSES").is_some() {
         return Ok(stats);
     }
+    conv_zero_point(model, &mut stats)?;
     requant_per_channel(model, &mut stats)?;
     Ok(stats)
 }
@@ -62,14 +68,18 @@ fn multipliers(r: &[f64]) -> Option<(Vec<i32>, i32)> {
     })
 }
 
-/// A quantized einsum kiln can requantize in fixed point.
+/// A quantized einsum kiln rewrites.
 struct Candidate {
     /// Its plain int8 form.
     plain: Plain,
+    /// For an 8-bit output; None for an int32 one (`MatMulInteger`).
+    requant: Option<Requant>,
+}
+
+/// How an int32 accumulator becomes the 8-bit output.
+struct Requant {
     /// Per-output-channel `a_scale · b_scale / c_scale`.
     ratios: Vec<f64>,
-    /// The output axis the ratios run along.
-    axis: usize,
     /// Output zero point.
     zero_point: i32,
 }
@@ -80,6 +90,8 @@ struct Candidate {
 /// (n = H·W instead of H matmuls with n = W) and fuses the requantization after it.
 struct Plain {
     op: EinSum,
+    /// The output axis the weights' output channels run along.
+    axis: usize,
     /// Offset the uint8 activation to int8 first.
     offset: bool,
     /// Per-channel bias with the zero-point correction.
@@ -105,69 +117,63 @@ fn combine(a: &[f64], b: &[f64], c: &[f64], channels: usize) -> Option<Vec<f64>>
         .collect()
 }
 
-/// The quantized einsum at `node` when its requantization is per channel.
+/// The quantized einsum at `node`, when it has the form kiln rewrites.
 fn candidate(model: &TypedModel, node: &TypedNode) -> Result<Option<Candidate>> {
+    let Some(einsum) = node.op_as::<EinSum>().filter(|e| e.q_params.is_some()) else {
+        return Ok(None);
+    };
     let out = &node.outputs[0].fact;
     let c_dt = out.datum_type.unquantized();
-    if node.inputs.len() != 9 || (c_dt != u8::datum_type() && c_dt != i8::datum_type()) {
+    let requant = c_dt == u8::datum_type() || c_dt == i8::datum_type();
+    if node.inputs.len() != 9 || !(requant || c_dt == i32::datum_type()) {
         return Ok(None);
+    }
+    let Some(plain) = plain_einsum(model, node, einsum)? else {
+        return Ok(None);
+    };
+    if !requant {
+        return Ok(Some(Candidate {
+            plain,
+            requant: None,
+        }));
     }
     let scales = [4, 6, 8].map(|i| const_f64(model, node.inputs[i]));
     let [Some(a), Some(b), Some(c)] = scales else {
         return Ok(None);
     };
-    if a.len() <= 1 && b.len() <= 1 && c.len() <= 1 {
-        return Ok(None); // per tensor: tract fuses it already
-    }
     let Some(zp) = const_f64(model, node.inputs[7]).filter(|z| z.len() == 1) else {
         return Ok(None);
     };
-    let Some(einsum) = node.op_as::<EinSum>().filter(|e| e.q_params.is_some()) else {
-        return Ok(None);
-    };
-    // Every non-scalar scale must run along one and the same output axis.
-    let mut axis = None;
+    // Every non-scalar scale must run along the output channel axis.
     for slot in [4, 6, 8] {
         let fact = model.outlet_fact(node.inputs[slot])?;
         for i in 0..fact.rank() {
             if fact.shape[i].is_one() {
                 continue;
             }
-            let Some(o) = einsum
+            let o = einsum
                 .axes
-                .track_axis((InOut::In(slot), i), InOut::Out(0))?
-            else {
-                return Ok(None);
-            };
-            if axis.is_some_and(|a| a != o) {
+                .track_axis((InOut::In(slot), i), InOut::Out(0))?;
+            if o != Some(plain.axis) {
                 return Ok(None);
             }
-            axis = Some(o);
         }
     }
-    let Some(axis) = axis else { return Ok(None) };
-    let Some(plain) = plain_einsum(model, node, einsum, axis)? else {
-        return Ok(None);
-    };
     let Some(ratios) = combine(&a, &b, &c, plain.bias.len()) else {
         return Ok(None);
     };
     Ok(Some(Candidate {
         plain,
-        ratios,
-        axis,
-        zero_point: zp[0] as i32,
+        requant: Some(Requant {
+            ratios,
+            zero_point: zp[0] as i32,
+        }),
     }))
 }
 
 /// The plain form of a quantized einsum whose weights (input 1) are a constant with zero
 /// point 0 and whose activation zero point is a constant scalar (see [`Plain`]).
-fn plain_einsum(
-    model: &TypedModel,
-    node: &TypedNode,
-    op: &EinSum,
-    axis: usize,
-) -> Result<Option<Plain>> {
+fn plain_einsum(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Option<Plain>> {
     let weights = model.outlet_fact(node.inputs[1])?;
     let (Some(w), 2) = (weights.konst.clone(), weights.rank()) else {
         return Ok(None);
@@ -185,20 +191,24 @@ fn plain_einsum(
     // The weights' two axes: k (shared with the activation, not in the output) and the
     // output channel.
     let mut k_pos = None;
-    let mut c_pos = None;
+    let mut axis = None;
     for i in 0..2 {
         let ax = op.axes.axis((InOut::In(1), i))?;
-        if !ax.inputs[0].is_empty() && ax.outputs[0].is_empty() {
+        if ax.inputs[0].len() == 1 && ax.outputs[0].is_empty() {
             k_pos = Some(i);
-        } else if ax.outputs[0].first() == Some(&axis) && ax.inputs[0].is_empty() {
-            c_pos = Some(i);
+        } else if ax.outputs[0].len() == 1 && ax.inputs[0].is_empty() {
+            axis = Some(ax.outputs[0][0]);
         }
     }
-    let (Some(k_pos), Some(_)) = (k_pos, c_pos) else {
+    let (Some(k_pos), Some(axis)) = (k_pos, axis) else {
         return Ok(None);
     };
-    let w = w.cast_to::<i32>()?;
-    let w = w.to_plain_array_view::<i32>()?;
+    // The raw int8 values (a quantized weight type would dequantize in a cast).
+    if w.datum_type().unquantized() != i8::datum_type() {
+        return Ok(None);
+    }
+    let raw: Vec<i8> = w.as_bytes().iter().map(|b| *b as i8).collect();
+    let w = tract_core::ndarray::ArrayView2::from_shape((w.shape()[0], w.shape()[1]), &raw)?;
     let sum_b: Vec<i64> = w
         .lanes(tract_core::ndarray::Axis(k_pos))
         .into_iter()
@@ -230,6 +240,7 @@ fn plain_einsum(
     };
     Ok(Some(Plain {
         op,
+        axis,
         offset,
         bias: new_bias,
     }))
@@ -248,9 +259,22 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
         let Some(cand) = candidate(model, &node)? else {
             continue;
         };
-        let Some((mult, shift)) = multipliers(&cand.ratios) else {
-            stats.requant_left += 1;
-            continue;
+        // The requantization factor: one f32 (tract's own exact fixed-point scaler) when it
+        // is the same for every channel, else int32 multipliers and a shift.
+        let scaling = match &cand.requant {
+            Some(r) if r.ratios.iter().all(|x| *x == r.ratios[0]) => {
+                Some((vec![], r.ratios[0] as f32))
+            }
+            Some(r) => match multipliers(&r.ratios) {
+                Some((mult, shift)) => Some((mult, 2f32.powi(-shift))),
+                None => {
+                    // Too coarse for fixed point: tract's f32 per-channel `Scale` (a pass of
+                    // its own, as before), still after the merged matmul.
+                    stats.requant_left += 1;
+                    Some((vec![], f32::NAN))
+                }
+            },
+            None => None,
         };
         let out_fact = node.outputs[0].fact.clone();
         let rank = out_fact.rank();
@@ -272,7 +296,7 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
         )?[0];
         // Per-channel constants, shaped to broadcast along the output's channel axis.
         let mut shape = tvec![1usize; rank];
-        shape[cand.axis] = mult.len();
+        shape[cand.plain.axis] = cand.plain.bias.len();
         let bias = patch.add_const(
             format!("{name}.kiln_bias"),
             tensor1(&cand.plain.bias).into_shape(&shape)?,
@@ -282,28 +306,43 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
             tract_core::ops::math::add(),
             &[wire, bias],
         )?[0];
-        let m = patch.add_const(
-            format!("{name}.kiln_multiplier"),
-            tensor1(&mult).into_shape(&shape)?,
-        )?;
+        let (Some((mult, factor)), Some(r)) = (scaling, &cand.requant) else {
+            // int32 out: the plain einsum and its bias are the whole op.
+            patch.shunt_outside(model, id.into(), wire)?;
+            patch.obliterate(id)?;
+            patch
+                .apply(model)
+                .with_context(|| format!("kiln int8 matmul pass on `{name}`"))?;
+            stats.int32_plain += 1;
+            continue;
+        };
+        if !mult.is_empty() {
+            let m = patch.add_const(
+                format!("{name}.kiln_multiplier"),
+                tensor1(&mult).into_shape(&shape)?,
+            )?;
+            wire = patch.wire_node(
+                format!("{name}.kiln_mul"),
+                tract_core::ops::math::mul(),
+                &[wire, m],
+            )?[0];
+        }
+        let factor = if factor.is_nan() {
+            let per_channel: Vec<f32> = r.ratios.iter().map(|x| *x as f32).collect();
+            tensor1(&per_channel).into_shape(&shape)?
+        } else {
+            tensor0(factor).broadcast_into_rank(rank)?
+        };
+        let factor = patch.add_const(format!("{name}.kiln_scale"), factor)?;
         wire = patch.wire_node(
-            format!("{name}.kiln_mul"),
-            tract_core::ops::math::mul(),
-            &[wire, m],
-        )?[0];
-        let shift = patch.add_const(
-            format!("{name}.kiln_shift"),
-            tensor0(2f32.powi(-shift)).broadcast_into_rank(rank)?,
-        )?;
-        wire = patch.wire_node(
-            format!("{name}.kiln_shift_right"),
+            format!("{name}.kiln_requant"),
             tract_core::ops::quant::scale(),
-            &[shift, wire],
+            &[factor, wire],
         )?[0];
-        if cand.zero_point != 0 {
+        if r.zero_point != 0 {
             let z = patch.add_const(
                 format!("{name}.kiln_zero_point"),
-                tensor0(cand.zero_point).broadcast_into_rank(rank)?,
+                tensor0(r.zero_point).broadcast_into_rank(rank)?,
             )?;
             wire = patch.wire_node(
                 format!("{name}.kiln_add_zero_point"),
@@ -341,6 +380,124 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
             .apply(model)
             .with_context(|| format!("kiln requant pass on `{name}`"))?;
         stats.requant_fixed_point += 1;
+    }
+    Ok(())
+}
+
+/// `conv_zero_point`: a quantized conv (tract's im2col path: 3x3 and larger) reading a
+/// uint8 activation. tract offsets it to int8 (zero point z - 128) and corrects the
+/// accumulator by `(z - 128) · Σ w` per channel, but when the int32 copy of the weights
+/// exceeds its constant-folding budget (4 MB: ResNet's 256- and 512-channel 3x3 convs) it
+/// casts and sums the weights again at every inference. kiln offsets the activation itself,
+/// pads it explicitly with the int8 value of real zero, folds the correction into the int32
+/// bias once, and hands tract a conv with zero point 0 and no padding, which needs no
+/// correction at all.
+fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
+    use tract_core::ops::array::{Pad, PadMode};
+    use tract_core::ops::cnn::{Conv, PaddingSpec};
+    let ids: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| {
+            n.op_as::<Conv>()
+                .is_some_and(|c| c.q_params.is_some() && c.group == 1)
+        })
+        .map(|n| n.id)
+        .collect();
+    for id in ids {
+        let node = model.node(id).clone();
+        let conv = node.op_as::<Conv>().unwrap();
+        if node.inputs.len() != 9 {
+            continue;
+        }
+        let x_fact = model.outlet_fact(node.inputs[0])?.clone();
+        let offset = match x_fact.datum_type.unquantized() {
+            dt if dt == u8::datum_type() => true,
+            dt if dt == i8::datum_type() => false,
+            _ => continue,
+        };
+        let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
+        let (Some(kernel), Some(bias), Some(x0), Some(k0)) = (
+            kernel.filter(|k| k.datum_type().unquantized() == i8::datum_type()),
+            const_f64(model, node.inputs[2]),
+            const_f64(model, node.inputs[3]).filter(|v| v.len() == 1),
+            const_f64(model, node.inputs[5]),
+        ) else {
+            continue;
+        };
+        let x0 = x0[0] as i64 - if offset { 128 } else { 0 };
+        if x0 == 0 || k0.iter().any(|z| *z != 0.0) {
+            continue;
+        }
+        let Some(x_shape) = x_fact.shape.as_concrete().map(|s| s.to_vec()) else {
+            continue;
+        };
+        // Σ w per output channel (OIHW: the first axis).
+        let o = kernel.shape()[0];
+        let per = kernel.len() / o.max(1);
+        let sums: Vec<i64> = kernel
+            .as_bytes()
+            .chunks(per.max(1))
+            .map(|c| c.iter().map(|b| *b as i8 as i64).sum())
+            .collect();
+        if bias.len() != 1 && bias.len() != o {
+            continue;
+        }
+        let Ok(new_bias) = sums
+            .iter()
+            .enumerate()
+            .map(|(c, s)| i32::try_from(bias[if bias.len() == 1 { 0 } else { c }] as i64 - x0 * s))
+            .collect::<std::result::Result<Vec<i32>, _>>()
+        else {
+            continue;
+        };
+        let shape = conv.pool_spec.data_format.shape(x_shape.clone())?;
+        let padding = conv.pool_spec.computed_padding(shape.hw_dims());
+        let name = &node.name;
+        let mut patch = TypedModelPatch::new(format!("kiln conv zero point {name}"));
+        let mut inputs = patch.taps(model, &node.inputs)?;
+        let mut x = inputs[0];
+        if offset {
+            x = patch.wire_node(
+                format!("{name}.kiln_offset_as_i8"),
+                tract_core::ops::quant::offset_u8_as_i8(),
+                &[x],
+            )?[0];
+        }
+        let mut new_conv = conv.clone();
+        if padding
+            .iter()
+            .any(|p| p.pad_before != 0 || p.pad_after != 0)
+        {
+            let mut pads = vec![(0usize, 0usize); x_shape.len()];
+            for (axis, p) in shape.hw_axes().zip(&padding) {
+                pads[axis] = (p.pad_before, p.pad_after);
+            }
+            let x_dt = patch.outlet_fact(x)?.datum_type;
+            let value = tensor0(x0 as i8).cast_to_dt(x_dt)?.into_owned();
+            if value.as_bytes() != [x0 as i8 as u8] {
+                continue; // the cast would not keep the raw value: leave this conv to tract
+            }
+            x = patch.wire_node(
+                format!("{name}.kiln_pad"),
+                Pad {
+                    pads,
+                    mode: PadMode::Constant(value.into_arc_tensor()),
+                },
+                &[x],
+            )?[0];
+            new_conv.pool_spec.padding = PaddingSpec::Valid;
+        }
+        inputs[0] = x;
+        inputs[2] = patch.add_const(format!("{name}.kiln_bias"), tensor1(&new_bias))?;
+        inputs[3] = patch.add_const(format!("{name}.kiln_x0"), tensor0(0i32))?;
+        let wire = patch.wire_node(format!("{name}.kiln_conv"), new_conv, &inputs)?[0];
+        patch.shunt_outside(model, id.into(), wire)?;
+        patch.obliterate(id)?;
+        patch
+            .apply(model)
+            .with_context(|| format!("kiln conv zero-point pass on `{name}`"))?;
+        stats.conv_zero_point += 1;
     }
     Ok(())
 }
