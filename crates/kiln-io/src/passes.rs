@@ -14,7 +14,7 @@
 //! one matmul and fuses every one of those into the kernel's epilogue.
 //! Measured on MobileNetV2-224 int8 (host, 1 thread): 48.7 → 24.9 ms.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
 
@@ -40,6 +40,10 @@ pub struct PassStats {
     pub int32_plain: usize,
     /// Quantized convs whose activation zero point moved into the bias.
     pub conv_zero_point: usize,
+    /// Quantized convs with per-channel scales requantized by one `KilnRequant` pass.
+    pub conv_requant: usize,
+    /// f32 → 8-bit `QuantizeLinear`s run by `KilnRequant`'s vectorized loop.
+    pub quantize_linear: usize,
 }
 
 /// Runs kiln's passes on `model` in place (none with `KILN_NO_PASSES` set: to compare
@@ -51,7 +55,9 @@ pub fn run(model: &mut TypedModel) -> Result<PassStats> {
         return Ok(stats);
     }
     conv_zero_point(model, &mut stats)?;
+    conv_requant(model, &mut stats)?;
     requant_per_channel(model, &mut stats)?;
+    quantize_linear(model, &mut stats)?;
     Ok(stats)
 }
 
@@ -500,6 +506,219 @@ fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> 
         stats.conv_zero_point += 1;
     }
     Ok(())
+}
+
+/// `conv_requant`: a quantized conv (im2col path) with per-channel weight scales. tract
+/// requantizes its int32 output in five element-wise passes (an f32 `Scale` over a
+/// broadcast per-channel tensor, zero point, min, max, cast) that it cannot fuse into the
+/// matmul. kiln asks tract for the int32 accumulator and requantizes it in one pass
+/// ([`KilnRequant`]).
+fn conv_requant(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
+    use tract_core::ops::cnn::Conv;
+    let ids: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_as::<Conv>().is_some_and(|c| c.q_params.is_some()))
+        .map(|n| n.id)
+        .collect();
+    for id in ids {
+        let node = model.node(id).clone();
+        let conv = node.op_as::<Conv>().unwrap();
+        let out = node.outputs[0].fact.clone();
+        let c_dt = out.datum_type.unquantized();
+        if node.inputs.len() != 9 || (c_dt != u8::datum_type() && c_dt != i8::datum_type()) {
+            continue;
+        }
+        let (Some(xs), Some(ks), Some(ys), Some(zp)) = (
+            const_f64(model, node.inputs[4]).filter(|v| v.len() == 1),
+            const_f64(model, node.inputs[6]),
+            const_f64(model, node.inputs[8]).filter(|v| v.len() == 1),
+            const_f64(model, node.inputs[7]).filter(|v| v.len() == 1),
+        ) else {
+            continue;
+        };
+        if ks.len() <= 1 {
+            continue; // per tensor: tract fuses it into the matmul
+        }
+        let Ok(shape) = conv.pool_spec.data_format.shape(out.shape.to_tvec()) else {
+            continue;
+        };
+        let axis = shape.c_axis();
+        if out.shape[axis].to_usize().ok() != Some(ks.len()) {
+            continue;
+        }
+        let ratios: Vec<f32> = ks.iter().map(|k| (xs[0] * k / ys[0]) as f32).collect();
+        let name = &node.name;
+        let mut patch = TypedModelPatch::new(format!("kiln conv requant {name}"));
+        let mut inputs = patch.taps(model, &node.inputs)?;
+        let one = patch.add_const(format!("{name}.kiln_unit_scale"), tensor0(1f32))?;
+        inputs[4] = one;
+        inputs[6] = one;
+        inputs[8] = one;
+        inputs[7] = patch.add_const(format!("{name}.kiln_c0"), tensor0(0i32))?;
+        let i32_conv = Conv {
+            q_params: Some(i32::datum_type()),
+            ..conv.clone()
+        };
+        let acc = patch.wire_node(format!("{name}.kiln_acc"), i32_conv, &inputs)?[0];
+        let op = KilnRequant {
+            ratios: Arc::new(ratios),
+            axis,
+            zero_point: zp[0] as i32,
+            out: out.datum_type,
+        };
+        let wire = patch.wire_node(format!("{name}.kiln_requant"), op, &[acc])?[0];
+        patch.shunt_outside(model, id.into(), wire)?;
+        patch.obliterate(id)?;
+        patch
+            .apply(model)
+            .with_context(|| format!("kiln conv requant pass on `{name}`"))?;
+        stats.conv_requant += 1;
+    }
+    Ok(())
+}
+
+/// `quantize_linear`: tract's f32 → u8/i8 `QuantizeLinear` rounds element by element
+/// through a scalar function; [`KilnRequant`] (one channel, one ratio) computes the same
+/// values in a loop the compiler vectorizes.
+fn quantize_linear(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
+    use tract_core::ops::element_wise::ElementWiseOp;
+    use tract_core::ops::quant::{QuantizeLinearI8, QuantizeLinearU8};
+    for id in 0..model.nodes().len() {
+        let node = &model.nodes()[id];
+        let Some(ew) = node.op_as::<ElementWiseOp>() else {
+            continue;
+        };
+        let (scale, zero_point) = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+            (q.scale, q.zero_point as i32)
+        } else if let Some(q) = ew.0.downcast_ref::<QuantizeLinearI8>() {
+            (q.scale, q.zero_point as i32)
+        } else {
+            continue;
+        };
+        if model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type() {
+            continue;
+        }
+        let op = KilnRequant {
+            ratios: Arc::new(vec![scale]),
+            axis: 0,
+            zero_point,
+            out: node.outputs[0].fact.datum_type,
+        };
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
+        patch.apply(model)?;
+        stats.quantize_linear += 1;
+    }
+    Ok(())
+}
+
+/// int32 accumulator (or f32 activation) → 8-bit output in one pass:
+/// `clamp(round_even(x · r[c]) + zp)` per channel `c` along `axis`, or with one `r` for the
+/// whole tensor (what tract computes with `Scale`, add, min, max and cast, or with
+/// `QuantizeLinear`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KilnRequant {
+    /// Per-channel `x_scale · w_scale / y_scale`.
+    pub ratios: Arc<Vec<f32>>,
+    /// The channel axis.
+    pub axis: usize,
+    /// Output zero point.
+    pub zero_point: i32,
+    /// Output type (u8 or i8, possibly with quantization params).
+    pub out: DatumType,
+}
+
+impl Eq for KilnRequant {}
+
+impl std::hash::Hash for KilnRequant {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.ratios.iter().for_each(|r| r.to_bits().hash(state));
+        self.axis.hash(state);
+        self.zero_point.hash(state);
+    }
+}
+
+impl Op for KilnRequant {
+    fn name(&self) -> StaticName {
+        "KilnRequant".into()
+    }
+
+    op_as_typed_op!();
+}
+
+/// Round half to even for |v| < 2^22 with two additions the compiler vectorizes.
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (v + MAGIC) - MAGIC
+}
+
+impl KilnRequant {
+    fn run<A, T>(&self, acc: &[A], shape: &[usize], lo: i32, hi: i32) -> Vec<T>
+    where
+        A: Copy + tract_core::num_traits::AsPrimitive<f32>,
+        T: Datum + Copy,
+        i32: tract_core::num_traits::AsPrimitive<T>,
+    {
+        use tract_core::num_traits::AsPrimitive;
+        // One ratio: the whole tensor is one channel.
+        let (channels, inner) = if self.ratios.len() == 1 {
+            (1, acc.len())
+        } else {
+            (shape[self.axis], shape[self.axis + 1..].iter().product())
+        };
+        let (lo_f, hi_f) = ((lo - self.zero_point) as f32, (hi - self.zero_point) as f32);
+        let mut out = Vec::with_capacity(acc.len());
+        for (i, chunk) in acc.chunks(inner.max(1)).enumerate() {
+            let r = self.ratios[i % channels];
+            out.extend(chunk.iter().map(|a| {
+                let v = round_even((a.as_() * r).clamp(lo_f, hi_f));
+                (v as i32 + self.zero_point).as_()
+            }));
+        }
+        out
+    }
+}
+
+impl EvalOp for KilnRequant {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let acc = &inputs[0];
+        let shape = acc.shape().to_vec();
+        let ram = acc.try_as_plain_ram()?;
+        let u8_out = self.out.unquantized() == u8::datum_type();
+        let mut t = match (acc.datum_type(), u8_out) {
+            (DatumType::I32, true) => {
+                tensor1(&self.run::<i32, u8>(ram.as_slice()?, &shape, 0, 255))
+            }
+            (DatumType::I32, false) => {
+                tensor1(&self.run::<i32, i8>(ram.as_slice()?, &shape, -128, 127))
+            }
+            (DatumType::F32, true) => {
+                tensor1(&self.run::<f32, u8>(ram.as_slice()?, &shape, 0, 255))
+            }
+            (DatumType::F32, false) => {
+                tensor1(&self.run::<f32, i8>(ram.as_slice()?, &shape, -128, 127))
+            }
+            (dt, _) => bail!("KilnRequant: unexpected input type {dt:?}"),
+        }
+        .into_shape(&shape)?;
+        // SAFETY: same storage type (8-bit); only the quantization params are attached.
+        #[allow(unsafe_code)]
+        unsafe {
+            t.set_datum_type(self.out)
+        };
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl TypedOp for KilnRequant {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.out.fact(inputs[0].shape.clone())))
+    }
 }
 
 #[cfg(test)]
