@@ -724,6 +724,158 @@ impl TypedOp for KilnRequant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_core::ops::nn::DataFormat;
+
+    /// Deterministic pseudo-random values in [lo, hi].
+    fn values(n: usize, seed: u64, lo: i32, hi: i32) -> Vec<i32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                lo + ((x >> 33) % (hi - lo + 1) as u64) as i32
+            })
+            .collect()
+    }
+
+    /// One quantized conv: per-channel int8 weights, activation zero point `x0`, uint8 out.
+    struct QConv {
+        ci: usize,
+        co: usize,
+        k: usize,
+        pad: usize,
+        seed: u64,
+        x0: i32,
+    }
+
+    fn wire(m: &mut TypedModel, name: &str, x: OutletId, c: QConv) -> Result<OutletId> {
+        let QConv {
+            ci,
+            co,
+            k,
+            pad,
+            seed,
+            x0,
+        } = c;
+        let w: Vec<i8> = values(co * ci * k * k, seed, -127, 127)
+            .into_iter()
+            .map(|v| v as i8)
+            .collect();
+        let w = tensor1(&w).into_shape(&[co, ci, k, k])?;
+        let ks: Vec<f32> = (0..co).map(|c| 0.002 + 0.001 * c as f32).collect();
+        let consts = [
+            w,
+            tensor1(&values(co, seed + 1, -500, 500)),
+            tensor0(x0),
+            tensor0(0.05f32),
+            tensor0(0i32),
+            tensor1(&ks),
+            tensor0(0i32),
+            tensor0(0.08f32),
+        ];
+        let mut inputs = vec![x];
+        for (i, t) in consts.into_iter().enumerate() {
+            inputs.push(m.add_const(format!("{name}.{i}"), t)?);
+        }
+        let conv = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec!(k, k),
+                padding: PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
+                dilations: None,
+                strides: None,
+                input_channels: ci,
+                output_channels: co,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: Some(u8::datum_type()),
+        };
+        Ok(m.wire_node(name, conv, &inputs)?[0])
+    }
+
+    /// uint8 NCHW input → k x k quantized conv (zero point 3) → 1x1 quantized conv: the
+    /// shapes of kiln's int8 conv models.
+    fn model(k: usize, pad: usize) -> Result<TypedModel> {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", u8::datum_type().fact([1, 4, 7, 7]))?;
+        let first = QConv {
+            ci: 4,
+            co: 8,
+            k,
+            pad,
+            seed: 1,
+            x0: 3,
+        };
+        let y = wire(&mut m, "first", x, first)?;
+        let second = QConv {
+            ci: 8,
+            co: 16,
+            k: 1,
+            pad: 0,
+            seed: 2,
+            x0: 0,
+        };
+        let y = wire(&mut m, "second", y, second)?;
+        m.select_output_outlets(&[y])?;
+        Ok(m)
+    }
+
+    fn run(mut m: TypedModel, passes: bool) -> Result<(Tensor, PassStats)> {
+        m.declutter()?;
+        let stats = if passes {
+            super::run(&mut m)?
+        } else {
+            PassStats::default()
+        };
+        m.optimize()?;
+        let input: Vec<u8> = values(4 * 49, 9, 0, 255)
+            .into_iter()
+            .map(|v| v as u8)
+            .collect();
+        let input = tensor1(&input).into_shape(&[1, 4, 7, 7])?;
+        let out = m.into_runnable()?.run(tvec!(input.into_tvalue()))?;
+        Ok((out[0].clone().into_tensor(), stats))
+    }
+
+    #[test]
+    fn passes_compute_what_tract_computes() {
+        for (k, pad) in [(3, 1), (3, 0), (1, 0)] {
+            let (want, _) = run(model(k, pad).unwrap(), false).unwrap();
+            let (got, stats) = run(model(k, pad).unwrap(), true).unwrap();
+            assert!(
+                stats.requant_fixed_point + stats.conv_requant >= 2,
+                "{stats:?}"
+            );
+            if k == 3 {
+                assert_eq!(stats.conv_zero_point, 1, "{stats:?}");
+            }
+            let (w, g) = (want.as_bytes(), got.as_bytes());
+            assert_eq!(w.len(), g.len());
+            assert!(w.iter().any(|v| *v != 0), "degenerate test data");
+            // Equal up to the rounding of the fixed-point multipliers: one step at most.
+            let worst = w.iter().zip(g).map(|(a, b)| (*a as i32 - *b as i32).abs());
+            let worst = worst.max().unwrap();
+            assert!(worst <= 1, "kernel {k}x{k}, pad {pad}: worst {worst}");
+        }
+    }
+
+    #[test]
+    fn kiln_requant_rounds_half_to_even_and_saturates() {
+        let op = KilnRequant {
+            ratios: Arc::new(vec![0.5, 1.0]),
+            axis: 1,
+            zero_point: 10,
+            out: u8::datum_type(),
+        };
+        let acc = [1i32, 3, 5, -100, 300, 7];
+        let got: Vec<u8> = op.run::<i32, u8>(&acc, &[1, 2, 3], 0, 255);
+        // channel 0 (x 0.5): 0.5 → 0, 1.5 → 2, 2.5 → 2, then + 10; channel 1: -90 → 0,
+        // 310 → 255, 17.
+        assert_eq!(got, vec![10, 12, 12, 0, 255, 17]);
+    }
 
     #[test]
     fn multipliers_pick_the_smallest_shift_that_is_fine_enough() {
