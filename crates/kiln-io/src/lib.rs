@@ -7,6 +7,7 @@ pub mod data;
 pub mod embed;
 pub mod exec;
 pub mod fsutil;
+pub mod kernels;
 pub mod nnef;
 pub mod npz;
 pub mod passes;

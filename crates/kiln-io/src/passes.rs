@@ -14,9 +14,11 @@
 //! one matmul and fuses every one of those into the kernel's epilogue.
 //! Measured on MobileNetV2-224 int8 (host, 1 thread): 48.7 → 24.9 ms.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
+
+use crate::kernels::{KilnDepthwise, KilnRequant};
 
 /// Fixed-point shifts tried for the per-channel multipliers, smallest first. An accumulator
 /// overflows int32 only when its requantized value exceeds 2^(31-shift) quantization steps:
@@ -38,6 +40,8 @@ pub struct PassStats {
     pub requant_left: usize,
     /// Quantized einsums with an int32 output (`MatMulInteger`) made plain.
     pub int32_plain: usize,
+    /// Quantized depthwise convs run by `KilnDepthwise`.
+    pub depthwise: usize,
     /// Quantized convs whose activation zero point moved into the bias.
     pub conv_zero_point: usize,
     /// Quantized convs with per-channel scales requantized by one `KilnRequant` pass.
@@ -54,6 +58,7 @@ pub fn run(model: &mut TypedModel) -> Result<PassStats> {
     if std::env::var_os("KILN_NO_PASSES").is_some() {
         return Ok(stats);
     }
+    depthwise(model, &mut stats)?;
     conv_zero_point(model, &mut stats)?;
     conv_requant(model, &mut stats)?;
     requant_per_channel(model, &mut stats)?;
@@ -390,6 +395,103 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
     Ok(())
 }
 
+/// `depthwise`: a quantized depthwise conv (group = input = output channels). tract has no
+/// int8 depthwise kernel: it lowers one to im2col and a grouped matmul, about 50x slower than
+/// its f32 depthwise conv on MobileNetV2. [`KilnDepthwise`] convolves and requantizes it in
+/// one pass over the 8-bit input.
+fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
+    use tract_core::ops::cnn::Conv;
+    let ids: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| {
+            n.op_as::<Conv>().is_some_and(|c| {
+                c.q_params.is_some()
+                    && c.group > 1
+                    && c.group == c.input_channels()
+                    && c.group == c.output_channels()
+                    && !c.pool_spec.data_format.c_is_last()
+                    && c.pool_spec.kernel_shape.len() == 2
+            })
+        })
+        .map(|n| n.id)
+        .collect();
+    for id in ids {
+        let node = model.node(id).clone();
+        let conv = node.op_as::<Conv>().unwrap();
+        let out = node.outputs[0].fact.clone();
+        let x_fact = model.outlet_fact(node.inputs[0])?.clone();
+        let eight_bit = |dt: DatumType| {
+            dt.unquantized() == u8::datum_type() || dt.unquantized() == i8::datum_type()
+        };
+        if node.inputs.len() != 9 || !eight_bit(out.datum_type) || !eight_bit(x_fact.datum_type) {
+            continue;
+        }
+        let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
+        let scalar = |i: usize| const_f64(model, node.inputs[i]).filter(|v| v.len() == 1);
+        let (Some(kernel), Some(bias), Some(x0), Some(xs), Some(k0), Some(ks), Some(y0), Some(ys)) = (
+            kernel.filter(|k| k.datum_type().unquantized() == i8::datum_type()),
+            const_f64(model, node.inputs[2]),
+            scalar(3),
+            scalar(4),
+            const_f64(model, node.inputs[5]),
+            const_f64(model, node.inputs[6]),
+            scalar(7),
+            scalar(8),
+        ) else {
+            continue;
+        };
+        let c = conv.group;
+        let per_channel = |v: &[f64]| v.len() == 1 || v.len() == c;
+        if k0.iter().any(|z| *z != 0.0) || !per_channel(&ks) || !per_channel(&bias) {
+            continue;
+        }
+        let Some(x_shape) = x_fact.shape.as_concrete().map(|s| s.to_vec()) else {
+            continue;
+        };
+        let at = |v: &[f64], i: usize| v[if v.len() == 1 { 0 } else { i }];
+        let weights: Vec<i16> = kernel.as_bytes().iter().map(|b| *b as i8 as i16).collect();
+        let (kh, kw) = (
+            conv.pool_spec.kernel_shape[0],
+            conv.pool_spec.kernel_shape[1],
+        );
+        let strides = conv.pool_spec.strides();
+        if weights.len() != c * kh * kw || strides.iter().any(|s| *s > 8) {
+            continue;
+        }
+        let shape = conv.pool_spec.data_format.shape(x_shape)?;
+        let padding = conv.pool_spec.computed_padding(shape.hw_dims());
+        let dilations = conv.pool_spec.dilations();
+        let op = KilnDepthwise {
+            weights: Arc::new(weights),
+            bias: Arc::new((0..c).map(|i| at(&bias, i) as i32).collect()),
+            ratios: Arc::new(
+                (0..c)
+                    .map(|i| (xs[0] * at(&ks, i) / ys[0]) as f32)
+                    .collect(),
+            ),
+            kernel: (kh, kw),
+            strides: (strides[0], strides[1]),
+            dilations: (dilations[0], dilations[1]),
+            pads: (
+                padding[0].pad_before,
+                padding[1].pad_before,
+                padding[0].pad_after,
+                padding[1].pad_after,
+            ),
+            x0: x0[0] as i32,
+            y0: y0[0] as i32,
+            out: out.datum_type,
+        };
+        let patch = TypedModelPatch::replace_single_op(model, &node, &node.inputs[0..1], op)?;
+        patch
+            .apply(model)
+            .with_context(|| format!("kiln depthwise pass on `{}`", node.name))?;
+        stats.depthwise += 1;
+    }
+    Ok(())
+}
+
 /// `conv_zero_point`: a quantized conv (tract's im2col path: 3x3 and larger) reading a
 /// uint8 activation. tract offsets it to int8 (zero point z - 128) and corrects the
 /// accumulator by `(z - 128) · Σ w` per channel, but when the int32 copy of the weights
@@ -612,115 +714,6 @@ fn quantize_linear(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> 
     Ok(())
 }
 
-/// int32 accumulator (or f32 activation) → 8-bit output in one pass:
-/// `clamp(round_even(x · r[c]) + zp)` per channel `c` along `axis`, or with one `r` for the
-/// whole tensor (what tract computes with `Scale`, add, min, max and cast, or with
-/// `QuantizeLinear`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct KilnRequant {
-    /// Per-channel `x_scale · w_scale / y_scale`.
-    pub ratios: Arc<Vec<f32>>,
-    /// The channel axis.
-    pub axis: usize,
-    /// Output zero point.
-    pub zero_point: i32,
-    /// Output type (u8 or i8, possibly with quantization params).
-    pub out: DatumType,
-}
-
-impl Eq for KilnRequant {}
-
-impl std::hash::Hash for KilnRequant {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.ratios.iter().for_each(|r| r.to_bits().hash(state));
-        self.axis.hash(state);
-        self.zero_point.hash(state);
-    }
-}
-
-impl Op for KilnRequant {
-    fn name(&self) -> StaticName {
-        "KilnRequant".into()
-    }
-
-    op_as_typed_op!();
-}
-
-/// Round half to even for |v| < 2^22 with two additions the compiler vectorizes.
-#[inline(always)]
-fn round_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
-}
-
-impl KilnRequant {
-    fn run<A, T>(&self, acc: &[A], shape: &[usize], lo: i32, hi: i32) -> Vec<T>
-    where
-        A: Copy + tract_core::num_traits::AsPrimitive<f32>,
-        T: Datum + Copy,
-        i32: tract_core::num_traits::AsPrimitive<T>,
-    {
-        use tract_core::num_traits::AsPrimitive;
-        // One ratio: the whole tensor is one channel.
-        let (channels, inner) = if self.ratios.len() == 1 {
-            (1, acc.len())
-        } else {
-            (shape[self.axis], shape[self.axis + 1..].iter().product())
-        };
-        let (lo_f, hi_f) = ((lo - self.zero_point) as f32, (hi - self.zero_point) as f32);
-        let mut out = Vec::with_capacity(acc.len());
-        for (i, chunk) in acc.chunks(inner.max(1)).enumerate() {
-            let r = self.ratios[i % channels];
-            out.extend(chunk.iter().map(|a| {
-                let v = round_even((a.as_() * r).clamp(lo_f, hi_f));
-                (v as i32 + self.zero_point).as_()
-            }));
-        }
-        out
-    }
-}
-
-impl EvalOp for KilnRequant {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let acc = &inputs[0];
-        let shape = acc.shape().to_vec();
-        let ram = acc.try_as_plain_ram()?;
-        let u8_out = self.out.unquantized() == u8::datum_type();
-        let mut t = match (acc.datum_type(), u8_out) {
-            (DatumType::I32, true) => {
-                tensor1(&self.run::<i32, u8>(ram.as_slice()?, &shape, 0, 255))
-            }
-            (DatumType::I32, false) => {
-                tensor1(&self.run::<i32, i8>(ram.as_slice()?, &shape, -128, 127))
-            }
-            (DatumType::F32, true) => {
-                tensor1(&self.run::<f32, u8>(ram.as_slice()?, &shape, 0, 255))
-            }
-            (DatumType::F32, false) => {
-                tensor1(&self.run::<f32, i8>(ram.as_slice()?, &shape, -128, 127))
-            }
-            (dt, _) => bail!("KilnRequant: unexpected input type {dt:?}"),
-        }
-        .into_shape(&shape)?;
-        // SAFETY: same storage type (8-bit); only the quantization params are attached.
-        #[allow(unsafe_code)]
-        unsafe {
-            t.set_datum_type(self.out)
-        };
-        Ok(tvec!(t.into_tvalue()))
-    }
-}
-
-impl TypedOp for KilnRequant {
-    as_op!();
-
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(self.out.fact(inputs[0].shape.clone())))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,6 +741,8 @@ mod tests {
         pad: usize,
         seed: u64,
         x0: i32,
+        group: usize,
+        stride: usize,
     }
 
     fn wire(m: &mut TypedModel, name: &str, x: OutletId, c: QConv) -> Result<OutletId> {
@@ -758,12 +753,14 @@ mod tests {
             pad,
             seed,
             x0,
+            group,
+            stride,
         } = c;
-        let w: Vec<i8> = values(co * ci * k * k, seed, -127, 127)
+        let w: Vec<i8> = values(co * ci / group * k * k, seed, -127, 127)
             .into_iter()
             .map(|v| v as i8)
             .collect();
-        let w = tensor1(&w).into_shape(&[co, ci, k, k])?;
+        let w = tensor1(&w).into_shape(&[co, ci / group, k, k])?;
         let ks: Vec<f32> = (0..co).map(|c| 0.002 + 0.001 * c as f32).collect();
         let consts = [
             w,
@@ -785,40 +782,60 @@ mod tests {
                 kernel_shape: tvec!(k, k),
                 padding: PaddingSpec::Explicit(tvec!(pad, pad), tvec!(pad, pad)),
                 dilations: None,
-                strides: None,
+                strides: Some(tvec!(stride, stride)),
                 input_channels: ci,
                 output_channels: co,
             },
             kernel_fmt: KernelFormat::OIHW,
-            group: 1,
+            group,
             q_params: Some(u8::datum_type()),
         };
         Ok(m.wire_node(name, conv, &inputs)?[0])
     }
 
-    /// uint8 NCHW input → k x k quantized conv (zero point 3) → 1x1 quantized conv: the
-    /// shapes of kiln's int8 conv models.
-    fn model(k: usize, pad: usize) -> Result<TypedModel> {
+    /// uint8 NCHW input → k x k quantized conv (zero point 3) → 1x1 quantized conv; or a
+    /// k x k depthwise conv (zero point 5) alone: the shapes of kiln's int8 conv models.
+    fn model(k: usize, pad: usize, stride: usize, depthwise: bool) -> Result<TypedModel> {
         let mut m = TypedModel::default();
-        let x = m.add_source("x", u8::datum_type().fact([1, 4, 7, 7]))?;
-        let first = QConv {
-            ci: 4,
-            co: 8,
-            k,
-            pad,
-            seed: 1,
-            x0: 3,
+        let channels = if depthwise { 16 } else { 4 };
+        let x = m.add_source("x", u8::datum_type().fact([1, channels, 7, 7]))?;
+        let y = if depthwise {
+            let dw = QConv {
+                ci: 16,
+                co: 16,
+                k,
+                pad,
+                seed: 3,
+                x0: 5,
+                group: 16,
+                stride,
+            };
+            wire(&mut m, "depthwise", x, dw)?
+        } else {
+            let (group, seed) = (1, 1);
+            let first = QConv {
+                ci: 4,
+                co: 8,
+                k,
+                pad,
+                seed,
+                x0: 3,
+                group,
+                stride,
+            };
+            let y = wire(&mut m, "first", x, first)?;
+            let second = QConv {
+                ci: 8,
+                co: 16,
+                k: 1,
+                pad: 0,
+                seed: 2,
+                x0: 0,
+                group,
+                stride: 1,
+            };
+            wire(&mut m, "second", y, second)?
         };
-        let y = wire(&mut m, "first", x, first)?;
-        let second = QConv {
-            ci: 8,
-            co: 16,
-            k: 1,
-            pad: 0,
-            seed: 2,
-            x0: 0,
-        };
-        let y = wire(&mut m, "second", y, second)?;
         m.select_output_outlets(&[y])?;
         Ok(m)
     }
@@ -831,34 +848,42 @@ mod tests {
             PassStats::default()
         };
         m.optimize()?;
-        let input: Vec<u8> = values(4 * 49, 9, 0, 255)
-            .into_iter()
-            .map(|v| v as u8)
-            .collect();
-        let input = tensor1(&input).into_shape(&[1, 4, 7, 7])?;
+        let shape = m.input_fact(0)?.shape.as_concrete().unwrap().to_vec();
+        let n: usize = shape.iter().product();
+        let input: Vec<u8> = values(n, 9, 0, 255).into_iter().map(|v| v as u8).collect();
+        let input = tensor1(&input).into_shape(&shape)?;
         let out = m.into_runnable()?.run(tvec!(input.into_tvalue()))?;
         Ok((out[0].clone().into_tensor(), stats))
     }
 
     #[test]
     fn passes_compute_what_tract_computes() {
-        for (k, pad) in [(3, 1), (3, 0), (1, 0)] {
-            let (want, _) = run(model(k, pad).unwrap(), false).unwrap();
-            let (got, stats) = run(model(k, pad).unwrap(), true).unwrap();
-            assert!(
-                stats.requant_fixed_point + stats.conv_requant >= 2,
-                "{stats:?}"
-            );
-            if k == 3 {
-                assert_eq!(stats.conv_zero_point, 1, "{stats:?}");
+        for (k, pad, stride) in [(3, 1, 1), (3, 1, 2), (3, 0, 1), (1, 0, 2)] {
+            for depthwise in [false, true] {
+                let (want, _) = run(model(k, pad, stride, depthwise).unwrap(), false).unwrap();
+                let (got, stats) = run(model(k, pad, stride, depthwise).unwrap(), true).unwrap();
+                let (w, g) = (want.as_bytes(), got.as_bytes());
+                assert_eq!(w.len(), g.len());
+                assert!(w.iter().any(|v| *v != 0), "degenerate test data");
+                let worst = w.iter().zip(g).map(|(a, b)| (*a as i32 - *b as i32).abs());
+                let worst = worst.max().unwrap();
+                let what = format!("kernel {k}x{k}, pad {pad}, stride {stride}");
+                if depthwise {
+                    // Exact int32 arithmetic and the same rounding as tract.
+                    assert_eq!(stats.depthwise, 1, "{what}: {stats:?}");
+                    assert_eq!(worst, 0, "{what}: depthwise differs");
+                } else {
+                    assert!(
+                        stats.requant_fixed_point + stats.conv_requant >= 2,
+                        "{stats:?}"
+                    );
+                    if k == 3 {
+                        assert_eq!(stats.conv_zero_point, 1, "{what}: {stats:?}");
+                    }
+                    // Up to the rounding of the fixed-point multipliers: one step.
+                    assert!(worst <= 1, "{what}: worst {worst}");
+                }
             }
-            let (w, g) = (want.as_bytes(), got.as_bytes());
-            assert_eq!(w.len(), g.len());
-            assert!(w.iter().any(|v| *v != 0), "degenerate test data");
-            // Equal up to the rounding of the fixed-point multipliers: one step at most.
-            let worst = w.iter().zip(g).map(|(a, b)| (*a as i32 - *b as i32).abs());
-            let worst = worst.max().unwrap();
-            assert!(worst <= 1, "kernel {k}x{k}, pad {pad}: worst {worst}");
         }
     }
 
