@@ -127,6 +127,11 @@ impl TypedOp for KilnRequant {
     }
 }
 
+/// Rows of an output plane of `len` values, `ow` per row.
+fn oh_of(len: usize, ow: usize) -> usize {
+    len / ow.max(1)
+}
+
 /// Output type and its raw 8-bit bounds.
 fn out_bounds(out: DatumType) -> (i32, i32) {
     if out.unquantized() == u8::datum_type() {
@@ -191,9 +196,8 @@ impl KilnDepthwise {
     /// Convolves one channel plane `x` [h, w] into `y` [oh, ow], in exact int32.
     ///
     /// The plane is copied once with its padding filled with the zero point `x0` (so a padded
-    /// tap adds `w · x0`, which the accumulator's start value `bias - x0 · Σw` cancels), each
-    /// row split into `sx` phases (columns p, p + sx, ...) so that what an output row reads
-    /// through one tap is one contiguous run of `ow` values; the tap loops then vectorize.
+    /// tap adds `w · x0`, which the accumulator's start value `bias - x0 · Σw` cancels), in
+    /// the polyphase layout below; the tap loops then vectorize.
     #[allow(clippy::too_many_arguments)]
     fn plane<X, Y>(
         &self,
@@ -220,42 +224,73 @@ impl KilnDepthwise {
         let wts = &self.weights[c * kh * kw..(c + 1) * kh * kw];
         let sum_w: i32 = wts.iter().map(|w| *w as i32).sum();
         let start = self.bias[c] - self.x0 * sum_w;
+        // Polyphase layout: padded row jy, column jx goes to sub-plane (jy % sy, jx % sx) at
+        // row jy / sy, column jx / sx. Consecutive output rows then read consecutive
+        // sub-plane rows, so each tap is one contiguous run over a sub-plane.
         let (hp, wp) = (h + pt + pb, w + pl + pr);
-        let mut phase_at = [0usize; 8];
-        for p in 1..sx {
-            phase_at[p] = phase_at[p - 1] + (wp + sx - p) / sx;
-        }
+        let (hs, ws) = (hp.div_ceil(sy), wp.div_ceil(sx));
+        let sub = hs * ws;
+        let oh = oh_of(y.len(), ow);
         let x0: X = self.x0.as_();
         xp.clear();
-        xp.resize(hp * wp, x0);
+        xp.resize(sy * sx * sub, x0);
         for (iy, row) in x.chunks(w).enumerate() {
-            let dst = &mut xp[(iy + pt) * wp..(iy + pt + 1) * wp];
+            let jy = iy + pt;
+            let (py, ry) = (jy % sy, jy / sy);
             if sx == 1 {
-                dst[pl..pl + w].copy_from_slice(row);
-            } else {
-                // Padded column j = pl + i goes to phase j % sx, slot j / sx.
-                for (i, v) in row.iter().enumerate() {
-                    let j = pl + i;
-                    dst[phase_at[j % sx] + j / sx] = *v;
+                let at = py * sub + ry * ws + pl;
+                xp[at..at + w].copy_from_slice(row);
+                continue;
+            }
+            for px in 0..sx {
+                let j0 = pl + (px + sx - pl % sx) % sx; // first padded column of phase px
+                if j0 >= pl + w {
+                    continue;
+                }
+                let at = (py * sx + px) * sub + ry * ws + j0 / sx;
+                let src = row[j0 - pl..].iter().step_by(sx);
+                for (d, v) in xp[at..].iter_mut().zip(src) {
+                    *d = *v;
                 }
             }
         }
-        acc.resize(ow, 0);
-        for (oy, out_row) in y.chunks_mut(ow).enumerate() {
-            acc.fill(start);
-            for ky in 0..kh {
-                let iy = oy * sy + ky * dy;
-                let row = &xp[iy * wp..(iy + 1) * wp];
-                for kx in 0..kw {
-                    let wt = wts[ky * kw + kx] as i32;
-                    let col = kx * dx;
-                    let at = phase_at[col % sx] + col / sx;
-                    for (a, v) in acc.iter_mut().zip(&row[at..at + ow]) {
-                        *a += wt * (*v).into();
+        let value = |iy: usize, ix: usize| -> i32 {
+            let (py, px) = (iy % sy, ix % sx);
+            xp[(py * sx + px) * sub + (iy / sy) * ws + ix / sx].into()
+        };
+        if dy != 1 || dx != 1 {
+            // Dilated (rare in depthwise nets): direct loops.
+            for (oy, out_row) in y.chunks_mut(ow).enumerate() {
+                for (ox, o) in out_row.iter_mut().enumerate() {
+                    let mut a = start;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let v = value(oy * sy + ky * dy, ox * sx + kx * dx);
+                            a += wts[ky * kw + kx] as i32 * v;
+                        }
                     }
+                    *o = (requantize(a as f32 * r, lo_f, hi_f) + self.y0).as_();
                 }
             }
-            for (o, a) in out_row.iter_mut().zip(acc.iter()) {
+            return;
+        }
+        // Each output row is computed over the sub-plane width ws (the last ws - ow values of
+        // a row are discarded), so every tap is one contiguous run: it vectorizes even for
+        // 7x7 planes.
+        let span = (oh - 1) * ws + ow;
+        acc.clear();
+        acc.resize(span, start);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let wt = wts[ky * kw + kx] as i32;
+                let at = ((ky % sy) * sx + kx % sx) * sub + (ky / sy) * ws + kx / sx;
+                for (a, v) in acc.iter_mut().zip(&xp[at..at + span]) {
+                    *a += wt * (*v).into();
+                }
+            }
+        }
+        for (oy, out_row) in y.chunks_mut(ow).enumerate() {
+            for (o, a) in out_row.iter_mut().zip(&acc[oy * ws..oy * ws + ow]) {
                 *o = (requantize(*a as f32 * r, lo_f, hi_f) + self.y0).as_();
             }
         }
