@@ -93,7 +93,7 @@ fn int8_static_keeps_digits_accuracy_and_computes_in_int8() {
 }
 
 #[test]
-fn int8_static_mobilenet_folds_bn_quantizes_convs_and_keeps_depthwise_for_speed() {
+fn int8_static_mobilenet_folds_bn_and_quantizes_every_conv_onto_kilns_kernels() {
     let tmp = tempfile::tempdir().unwrap();
     let calib = fixture("mobilenet", "calib.npz");
     let r = check(
@@ -111,16 +111,18 @@ fn int8_static_mobilenet_folds_bn_quantizes_convs_and_keeps_depthwise_for_speed(
     let layers = r["layers"].as_array().unwrap();
     let int8 = layers.iter().filter(|l| l["precision"] == "int8").count();
     assert!(int8 >= 15, "{int8} int8 layers");
-    for l in layers
+    let dw: Vec<_> = layers
         .iter()
-        .filter(|l| l["name"].as_str().unwrap().contains("/dw/"))
-    {
-        assert_eq!(l["precision"], "f32", "{l}");
-        assert!(
-            l["kept_reason"].as_str().unwrap().starts_with("speed"),
-            "{l}"
-        );
+        .filter(|l| l["name"].as_str().unwrap().contains("dw"))
+        .collect();
+    assert!(!dw.is_empty(), "{layers:?}");
+    for l in dw {
+        assert_eq!(l["precision"], "int8", "{l}");
     }
+    // The depthwise convs run on kiln's int8 kernel, not on tract's im2col lowering.
+    let ops = ops(&r);
+    assert!(ops.iter().any(|o| o == "KilnDepthwise"), "{ops:?}");
+    assert!(!ops.iter().any(|o| o == "DepthWiseConv"), "{ops:?}");
     let out = r["size"]["output"].as_u64().unwrap();
     let src = r["size"]["source_onnx"].as_u64().unwrap();
     assert!(out * 10 < src * 6, "int8 NNEF {out} vs fp32 ONNX {src}");

@@ -150,23 +150,33 @@ pub fn conv_granularity(model: &ModelProto, layer: &Layer) -> Result<Option<Gran
 
 /// Why a candidate layer is better left in f32 for speed, if it is.
 ///
-/// Grouped (depthwise) convolutions: tract 0.23 has no int8 depthwise kernel (it lowers one
-/// to im2col and a grouped matmul, ~50x slower than its f32 `DepthWiseConv` on MobileNetV2).
-/// kiln's own (`kiln_io::kernels::KilnDepthwise`, exact) still measured ~1.7x slower than
-/// tract's f32 one (11 vs 6.4 ms over MobileNetV2-224's 17 depthwise convs), mostly per-plane
-/// overhead on the small 7x7 and 14x14 planes; so they stay f32 by default (kiln's int8 must
-/// not be slower than its f32) and `--int8-everywhere` runs them on `KilnDepthwise`.
+/// Grouped convolutions that are not depthwise: tract 0.23 lowers an int8 grouped conv to
+/// im2col and a grouped matmul, far slower than its f32 one (~50x on MobileNetV2's depthwise
+/// convs). Depthwise convs (one input channel per group) are quantized: kiln runs them on its
+/// own exact int8 kernel (`kiln_io::kernels::KilnDepthwise`: 5.9 ms over MobileNetV2-224's
+/// 17 depthwise convs vs 6.2 ms for tract's f32 ones), which also saves the dequantize and
+/// quantize passes around an f32 depthwise conv.
 pub fn slow_in_int8(model: &ModelProto, layer: &Layer) -> Result<Option<&'static str>> {
     let g = onnx::graph(model)?;
     let Some(n) = g.node.iter().find(|n| n.name == layer.name) else {
         return Ok(None);
     };
-    if n.op_type == "Conv" && onnx::get_int(n, "group").unwrap_or(1) > 1 {
-        return Ok(Some(
-            "speed: the int8 depthwise/grouped conv is slower than tract's f32 one (--int8-everywhere to quantize it anyway)",
-        ));
+    let group = onnx::get_int(n, "group").unwrap_or(1);
+    if n.op_type != "Conv" || group <= 1 {
+        return Ok(None);
     }
-    Ok(None)
+    let inits = onnx::initializers(g);
+    let depthwise = n
+        .input
+        .get(1)
+        .and_then(|w| inits.get(w.as_str()))
+        .is_some_and(|w| w.dims.len() == 4 && w.dims[1] == 1 && w.dims[0] == group);
+    if depthwise {
+        return Ok(None);
+    }
+    Ok(Some(
+        "speed: tract's int8 grouped conv is slower than its f32 one (--int8-everywhere to quantize it anyway)",
+    ))
 }
 
 /// The layers `mode` can quantize, in graph order.
