@@ -47,7 +47,7 @@ pub struct OptimizeArgs {
     #[arg(long = "input-shape", value_name = "NAME=DIMS")]
     pub input_shapes: Vec<String>,
     /// Also quantize layers kiln keeps in f32 because tract runs them slower in int8
-    /// (depthwise convolutions).
+    /// (grouped convolutions that are not depthwise; depthwise ones are int8 already).
     #[arg(long)]
     pub int8_everywhere: bool,
     /// Print the report as JSON instead of text.

@@ -60,7 +60,7 @@ pub struct Options {
     pub load: LoadOptions,
     /// Show progress bars.
     pub progress: bool,
-    /// Quantize layers kiln would keep in f32 for speed (depthwise convs) too.
+    /// Quantize layers kiln would keep in f32 for speed (grouped, non-depthwise convs) too.
     pub int8_everywhere: bool,
 }
 
