@@ -66,6 +66,25 @@ pub fn run(model: &mut TypedModel) -> Result<PassStats> {
     Ok(stats)
 }
 
+/// The ids of the nodes `keep` selects, in graph order (collected first: the passes patch
+/// the model while they walk the list).
+fn node_ids(model: &TypedModel, keep: impl Fn(&&TypedNode) -> bool) -> Vec<usize> {
+    model.nodes().iter().filter(keep).map(|n| n.id).collect()
+}
+
+/// Replaces node `id` by `wire` (the output of `patch`) and applies the patch.
+fn finish(
+    model: &mut TypedModel,
+    mut patch: TypedModelPatch,
+    id: usize,
+    wire: OutletId,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    patch.shunt_outside(model, id.into(), wire)?;
+    patch.obliterate(id)?;
+    patch.apply(model).with_context(what)
+}
+
 /// Fixed-point multipliers and shift for per-channel ratios `r`, or None when even the
 /// largest shift leaves one too coarse.
 fn multipliers(r: &[f64]) -> Option<(Vec<i32>, i32)> {
@@ -259,12 +278,7 @@ fn plain_einsum(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Opt
 
 /// Rewrites per-channel quantized einsums (see the module doc).
 fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
-    let ids: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|n| n.op_is::<EinSum>())
-        .map(|n| n.id)
-        .collect();
+    let ids = node_ids(model, |n| n.op_is::<EinSum>());
     for id in ids {
         let node = model.node(id).clone();
         let Some(cand) = candidate(model, &node)? else {
@@ -319,11 +333,9 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
         )?[0];
         let (Some((mult, factor)), Some(r)) = (scaling, &cand.requant) else {
             // int32 out: the plain einsum and its bias are the whole op.
-            patch.shunt_outside(model, id.into(), wire)?;
-            patch.obliterate(id)?;
-            patch
-                .apply(model)
-                .with_context(|| format!("kiln int8 matmul pass on `{name}`"))?;
+            finish(model, patch, id, wire, || {
+                format!("kiln int8 matmul pass on `{name}`")
+            })?;
             stats.int32_plain += 1;
             continue;
         };
@@ -385,11 +397,9 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
             tract_core::ops::cast::cast(out_fact.datum_type),
             &[wire],
         )?[0];
-        patch.shunt_outside(model, id.into(), wire)?;
-        patch.obliterate(id)?;
-        patch
-            .apply(model)
-            .with_context(|| format!("kiln requant pass on `{name}`"))?;
+        finish(model, patch, id, wire, || {
+            format!("kiln requant pass on `{name}`")
+        })?;
         stats.requant_fixed_point += 1;
     }
     Ok(())
@@ -401,21 +411,16 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
 /// one pass over the 8-bit input.
 fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
     use tract_core::ops::cnn::Conv;
-    let ids: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|n| {
-            n.op_as::<Conv>().is_some_and(|c| {
-                c.q_params.is_some()
-                    && c.group > 1
-                    && c.group == c.input_channels()
-                    && c.group == c.output_channels()
-                    && !c.pool_spec.data_format.c_is_last()
-                    && c.pool_spec.kernel_shape.len() == 2
-            })
+    let ids = node_ids(model, |n| {
+        n.op_as::<Conv>().is_some_and(|c| {
+            c.q_params.is_some()
+                && c.group > 1
+                && c.group == c.input_channels()
+                && c.group == c.output_channels()
+                && !c.pool_spec.data_format.c_is_last()
+                && c.pool_spec.kernel_shape.len() == 2
         })
-        .map(|n| n.id)
-        .collect();
+    });
     for id in ids {
         let node = model.node(id).clone();
         let conv = node.op_as::<Conv>().unwrap();
@@ -503,15 +508,10 @@ fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
 fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
     use tract_core::ops::array::{Pad, PadMode};
     use tract_core::ops::cnn::{Conv, PaddingSpec};
-    let ids: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|n| {
-            n.op_as::<Conv>()
-                .is_some_and(|c| c.q_params.is_some() && c.group == 1)
-        })
-        .map(|n| n.id)
-        .collect();
+    let ids = node_ids(model, |n| {
+        n.op_as::<Conv>()
+            .is_some_and(|c| c.q_params.is_some() && c.group == 1)
+    });
     for id in ids {
         let node = model.node(id).clone();
         let conv = node.op_as::<Conv>().unwrap();
@@ -600,11 +600,9 @@ fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> 
         inputs[2] = patch.add_const(format!("{name}.kiln_bias"), tensor1(&new_bias))?;
         inputs[3] = patch.add_const(format!("{name}.kiln_x0"), tensor0(0i32))?;
         let wire = patch.wire_node(format!("{name}.kiln_conv"), new_conv, &inputs)?[0];
-        patch.shunt_outside(model, id.into(), wire)?;
-        patch.obliterate(id)?;
-        patch
-            .apply(model)
-            .with_context(|| format!("kiln conv zero-point pass on `{name}`"))?;
+        finish(model, patch, id, wire, || {
+            format!("kiln conv zero-point pass on `{name}`")
+        })?;
         stats.conv_zero_point += 1;
     }
     Ok(())
@@ -617,12 +615,9 @@ fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> 
 /// ([`KilnRequant`]).
 fn conv_requant(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
     use tract_core::ops::cnn::Conv;
-    let ids: Vec<usize> = model
-        .nodes()
-        .iter()
-        .filter(|n| n.op_as::<Conv>().is_some_and(|c| c.q_params.is_some()))
-        .map(|n| n.id)
-        .collect();
+    let ids = node_ids(model, |n| {
+        n.op_as::<Conv>().is_some_and(|c| c.q_params.is_some())
+    });
     for id in ids {
         let node = model.node(id).clone();
         let conv = node.op_as::<Conv>().unwrap();
@@ -670,11 +665,9 @@ fn conv_requant(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
             out: out.datum_type,
         };
         let wire = patch.wire_node(format!("{name}.kiln_requant"), op, &[acc])?[0];
-        patch.shunt_outside(model, id.into(), wire)?;
-        patch.obliterate(id)?;
-        patch
-            .apply(model)
-            .with_context(|| format!("kiln conv requant pass on `{name}`"))?;
+        finish(model, patch, id, wire, || {
+            format!("kiln conv requant pass on `{name}`")
+        })?;
         stats.conv_requant += 1;
     }
     Ok(())
