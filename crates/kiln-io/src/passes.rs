@@ -1,18 +1,18 @@
 //! kiln's own passes on the typed model, run between tract's declutter and its codegen
 //! wherever a model is prepared (host inference and the runner alike), where tract 0.23's
-//! lowering of kiln's int8 graphs is slow.
+//! lowering of kiln's int8 graphs is slow. Each pass leaves what it does not recognise to
+//! tract; `KILN_NO_PASSES=1` turns them all off (to compare). ARCHITECTURE.md has the table
+//! of what tract does and what each pass does instead:
 //!
-//! `requant_per_channel`: a quantized einsum (what tract makes of a quantized 1x1 conv, or
-//! `QLinearMatMul`) with per-output-channel weight scales. tract lowers it as H separate
-//! matmuls with n = W (its axis merging skips quantized einsums), requantizes the int32
-//! accumulator with an f32 `Scale` over a broadcast per-channel tensor plus add, min, max and
-//! cast passes it cannot fuse, and sums the weights again at every run when they are too big
-//! to constant-fold. kiln rewrites it as a plain int8 × int8 → int32 einsum (the activation
-//! offset to int8, its zero-point correction folded into the bias), then requantizes in fixed
-//! point: `acc × M[c]` (int32 per-row multiply), one per-tensor `Scale` by `2^-shift`
-//! (tract's rounding shift), the zero point, the clamp and the cast. tract merges H·W into
-//! one matmul and fuses every one of those into the kernel's epilogue.
-//! Measured on MobileNetV2-224 int8 (host, 1 thread): 48.7 → 24.9 ms.
+//! - `depthwise`: quantized depthwise convs → [`KilnDepthwise`] (tract has no int8 kernel);
+//! - `conv_zero_point`: uint8 activations of im2col convs offset and padded by kiln, the
+//!   zero-point correction folded into the bias once;
+//! - `conv_requant`: per-channel conv requantization in one [`KilnRequant`] pass;
+//! - `requant_per_channel`: quantized einsums (1x1 convs, `MatMulInteger`) as plain int8
+//!   einsums, which tract merges into one matmul and whose fixed-point requantization it fuses;
+//! - `quantize_linear`: f32 → 8-bit quantization through [`KilnRequant`]'s vectorized loop.
+//!
+//! Host, 1 thread: MobileNetV2-224 int8 48.7 → 14.3 ms, ResNet-18 int8 49.9 → 30.9 ms.
 
 use anyhow::{Context, Result};
 use tract_core::internal::*;
