@@ -99,20 +99,21 @@ impl EvalOp for KilnRequant {
         let u8_out = self.out.unquantized() == u8::datum_type();
         let mut t = match (acc.datum_type(), u8_out) {
             (DatumType::I32, true) => {
-                tensor1(&self.run::<i32, u8>(ram.as_slice()?, &shape, 0, 255))
+                owned(self.run::<i32, u8>(ram.as_slice()?, &shape, 0, 255), &shape)?
             }
-            (DatumType::I32, false) => {
-                tensor1(&self.run::<i32, i8>(ram.as_slice()?, &shape, -128, 127))
-            }
+            (DatumType::I32, false) => owned(
+                self.run::<i32, i8>(ram.as_slice()?, &shape, -128, 127),
+                &shape,
+            )?,
             (DatumType::F32, true) => {
-                tensor1(&self.run::<f32, u8>(ram.as_slice()?, &shape, 0, 255))
+                owned(self.run::<f32, u8>(ram.as_slice()?, &shape, 0, 255), &shape)?
             }
-            (DatumType::F32, false) => {
-                tensor1(&self.run::<f32, i8>(ram.as_slice()?, &shape, -128, 127))
-            }
+            (DatumType::F32, false) => owned(
+                self.run::<f32, i8>(ram.as_slice()?, &shape, -128, 127),
+                &shape,
+            )?,
             (dt, _) => bail!("KilnRequant: unexpected input type {dt:?}"),
-        }
-        .into_shape(&shape)?;
+        };
         // SAFETY: same storage type (8-bit); only the quantization params are attached.
         unsafe { t.set_datum_type(self.out) };
         Ok(tvec!(t.into_tvalue()))
@@ -125,6 +126,11 @@ impl TypedOp for KilnRequant {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(self.out.fact(inputs[0].shape.clone())))
     }
+}
+
+/// `values` as a tensor of `shape`, moved, not copied.
+fn owned<T: Datum>(values: Vec<T>, shape: &[usize]) -> TractResult<Tensor> {
+    Ok(tract_core::ndarray::ArrayD::from_shape_vec(shape, values)?.into_tensor())
 }
 
 /// Rows of an output plane of `len` values, `ow` per row.
@@ -321,7 +327,7 @@ impl KilnDepthwise {
         }
         let mut oshape: TVec<usize> = shape[..r - 2].into();
         oshape.extend([oh, ow]);
-        tensor1(&out).into_shape(&oshape)
+        owned(out, &oshape)
     }
 }
 

@@ -53,7 +53,6 @@ pub struct PassStats {
 /// Runs kiln's passes on `model` in place (none with `KILN_NO_PASSES` set: to compare
 /// against tract's own lowering).
 pub fn run(model: &mut TypedModel) -> Result<PassStats> {
-    crate::configure_tract()?;
     let mut stats = PassStats::default();
     if std::env::var_os("KILN_NO_PASSES").is_some() {
         return Ok(stats);
@@ -98,6 +97,29 @@ fn multipliers(r: &[f64]) -> Option<(Vec<i32>, i32)> {
     })
 }
 
+/// How an int32 accumulator is scaled to the output's quantization steps.
+enum Scaling {
+    /// One ratio: tract's own exact fixed-point scaler, fused into the matmul.
+    PerTensor(f32),
+    /// `× M[c]` (int32) then a rounding shift right by `shift`, fused into the matmul.
+    FixedPoint(Vec<i32>, i32),
+    /// A multiplier would be too coarse: tract's f32 per-channel `Scale`, a pass of its own.
+    PerChannelF32,
+}
+
+impl Scaling {
+    /// The cheapest exact-enough form for per-channel `ratios`.
+    fn of(ratios: &[f64]) -> Scaling {
+        if ratios.iter().all(|x| *x == ratios[0]) {
+            return Scaling::PerTensor(ratios[0] as f32);
+        }
+        match multipliers(ratios) {
+            Some((mult, shift)) => Scaling::FixedPoint(mult, shift),
+            None => Scaling::PerChannelF32,
+        }
+    }
+}
+
 /// A quantized einsum kiln rewrites.
 struct Candidate {
     /// Its plain int8 form.
@@ -135,15 +157,85 @@ fn const_f64(model: &TypedModel, outlet: OutletId) -> Option<Vec<f64>> {
     Some(k.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.to_vec())
 }
 
-/// Combines scalar-or-per-channel scales `a · b / c` into one vector of `channels`.
-fn combine(a: &[f64], b: &[f64], c: &[f64], channels: usize) -> Option<Vec<f64>> {
-    let at = |v: &[f64], i: usize| match v.len() {
+/// The constant inputs of a quantized conv or einsum (tract's nine: x, w, bias, x0, x_scale,
+/// w0, w_scale, y0, y_scale), each scalar or per output channel, read once per node.
+struct QParams {
+    /// The raw int8 weights, when they are a constant of an int8 type.
+    weights: Option<Tensor>,
+    bias: Vec<f64>,
+    x0: Vec<f64>,
+    x_scale: Vec<f64>,
+    w0: Vec<f64>,
+    w_scale: Vec<f64>,
+    y0: Vec<f64>,
+    y_scale: Vec<f64>,
+}
+
+impl QParams {
+    /// The parameters of `node`, or None when one of inputs 2..9 is not a constant.
+    fn of(model: &TypedModel, node: &TypedNode) -> Option<QParams> {
+        if node.inputs.len() != 9 {
+            return None;
+        }
+        let c = |i: usize| const_f64(model, node.inputs[i]);
+        let weights = model.outlet_fact(node.inputs[1]).ok()?.konst.clone();
+        Some(QParams {
+            weights: weights
+                .filter(|w| w.datum_type().unquantized() == i8::datum_type())
+                .map(|w| w.into_tensor()),
+            bias: c(2)?,
+            x0: c(3)?,
+            x_scale: c(4)?,
+            w0: c(5)?,
+            w_scale: c(6)?,
+            y0: c(7)?,
+            y_scale: c(8)?,
+        })
+    }
+
+    /// The weights' raw int8 values (a cast of a quantized type would dequantize them).
+    fn raw_weights(&self) -> Option<&[i8]> {
+        let w = self.weights.as_ref()?;
+        let bytes = w.try_as_plain_ram().ok()?.as_bytes();
+        // SAFETY: i8 and u8 have the same size and alignment; the storage is int8.
+        #[allow(unsafe_code)]
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const i8, bytes.len()) })
+    }
+
+    /// Symmetric weights: every weight zero point is 0.
+    fn weights_centered(&self) -> bool {
+        self.w0.iter().all(|z| *z == 0.0)
+    }
+}
+
+/// The one value of a scalar parameter.
+fn scalar(v: &[f64]) -> Option<f64> {
+    (v.len() == 1).then(|| v[0])
+}
+
+/// Channel `i` of a scalar-or-per-channel parameter of `channels` values, or None when it
+/// has another length.
+fn at(v: &[f64], i: usize, channels: usize) -> Option<f64> {
+    match v.len() {
         1 => Some(v[0]),
         n if n == channels => Some(v[i]),
         _ => None,
-    };
+    }
+}
+
+/// Combines scalar-or-per-channel scales `a · b / c` into one vector of `channels`.
+fn combine(a: &[f64], b: &[f64], c: &[f64], channels: usize) -> Option<Vec<f64>> {
     (0..channels)
-        .map(|i| Some(at(a, i)? * at(b, i)? / at(c, i)?))
+        .map(|i| Some(at(a, i, channels)? * at(b, i, channels)? / at(c, i, channels)?))
+        .collect()
+}
+
+/// `bias[c] - x0 · sums[c]` per channel as int32, None if one overflows or `bias` has
+/// another length: the bias that absorbs an activation zero point `x0`.
+fn fold_zero_point(bias: &[f64], x0: i64, sums: &[i64]) -> Option<Vec<i32>> {
+    let n = sums.len();
+    (0..n)
+        .map(|c| i32::try_from(at(bias, c, n)? as i64 - x0 * sums[c]).ok())
         .collect()
 }
 
@@ -158,7 +250,10 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Result<Option<Candidate>> 
     if node.inputs.len() != 9 || !(requant || c_dt == i32::datum_type()) {
         return Ok(None);
     }
-    let Some(plain) = plain_einsum(model, node, einsum)? else {
+    let Some(q) = QParams::of(model, node) else {
+        return Ok(None);
+    };
+    let Some(plain) = plain_einsum(model, node, einsum, &q)? else {
         return Ok(None);
     };
     if !requant {
@@ -167,11 +262,7 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Result<Option<Candidate>> 
             requant: None,
         }));
     }
-    let scales = [4, 6, 8].map(|i| const_f64(model, node.inputs[i]));
-    let [Some(a), Some(b), Some(c)] = scales else {
-        return Ok(None);
-    };
-    let Some(zp) = const_f64(model, node.inputs[7]).filter(|z| z.len() == 1) else {
+    let Some(zp) = scalar(&q.y0) else {
         return Ok(None);
     };
     // Every non-scalar scale must run along the output channel axis.
@@ -189,33 +280,30 @@ fn candidate(model: &TypedModel, node: &TypedNode) -> Result<Option<Candidate>> 
             }
         }
     }
-    let Some(ratios) = combine(&a, &b, &c, plain.bias.len()) else {
+    let Some(ratios) = combine(&q.x_scale, &q.w_scale, &q.y_scale, plain.bias.len()) else {
         return Ok(None);
     };
     Ok(Some(Candidate {
         plain,
         requant: Some(Requant {
             ratios,
-            zero_point: zp[0] as i32,
+            zero_point: zp as i32,
         }),
     }))
 }
 
 /// The plain form of a quantized einsum whose weights (input 1) are a constant with zero
 /// point 0 and whose activation zero point is a constant scalar (see [`Plain`]).
-fn plain_einsum(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Option<Plain>> {
-    let weights = model.outlet_fact(node.inputs[1])?;
-    let (Some(w), 2) = (weights.konst.clone(), weights.rank()) else {
+fn plain_einsum(
+    model: &TypedModel,
+    node: &TypedNode,
+    op: &EinSum,
+    q: &QParams,
+) -> Result<Option<Plain>> {
+    let (Some(w), Some(raw), Some(a0)) = (&q.weights, q.raw_weights(), scalar(&q.x0)) else {
         return Ok(None);
     };
-    let (Some(a0), Some(b0), Some(bias)) = (
-        const_f64(model, node.inputs[3]).filter(|v| v.len() == 1),
-        const_f64(model, node.inputs[5]),
-        const_f64(model, node.inputs[2]),
-    ) else {
-        return Ok(None);
-    };
-    if b0.iter().any(|z| *z != 0.0) {
+    if w.rank() != 2 || !q.weights_centered() {
         return Ok(None);
     }
     // The weights' two axes: k (shared with the activation, not in the output) and the
@@ -233,35 +321,21 @@ fn plain_einsum(model: &TypedModel, node: &TypedNode, op: &EinSum) -> Result<Opt
     let (Some(k_pos), Some(axis)) = (k_pos, axis) else {
         return Ok(None);
     };
-    // The raw int8 values (a quantized weight type would dequantize in a cast).
-    if w.datum_type().unquantized() != i8::datum_type() {
-        return Ok(None);
-    }
-    let raw: Vec<i8> = w.as_bytes().iter().map(|b| *b as i8).collect();
-    let w = tract_core::ndarray::ArrayView2::from_shape((w.shape()[0], w.shape()[1]), &raw)?;
+    let w = tract_core::ndarray::ArrayView2::from_shape((w.shape()[0], w.shape()[1]), raw)?;
     let sum_b: Vec<i64> = w
         .lanes(tract_core::ndarray::Axis(k_pos))
         .into_iter()
         .map(|lane| lane.iter().map(|v| *v as i64).sum())
         .collect();
-    let channels = sum_b.len();
-    if bias.len() != 1 && bias.len() != channels {
-        return Ok(None);
-    }
     let act = model.outlet_fact(node.inputs[0])?.datum_type.unquantized();
     let offset = act == u8::datum_type();
     if !offset && act != i8::datum_type() {
         return Ok(None);
     }
-    let a0 = a0[0] as i64 - if offset { 128 } else { 0 };
-    let mut new_bias = vec![];
-    for (c, s) in sum_b.iter().enumerate() {
-        let v = bias[if bias.len() == 1 { 0 } else { c }] as i64 - a0 * s;
-        let Ok(v) = i32::try_from(v) else {
-            return Ok(None);
-        };
-        new_bias.push(v);
-    }
+    let a0 = a0 as i64 - if offset { 128 } else { 0 };
+    let Some(new_bias) = fold_zero_point(&q.bias, a0, &sum_b) else {
+        return Ok(None);
+    };
     let axes = op.axes.extract_sub_mapping(&[0, 1], &[0])?;
     let op = EinSum {
         axes,
@@ -284,23 +358,10 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
         let Some(cand) = candidate(model, &node)? else {
             continue;
         };
-        // The requantization factor: one f32 (tract's own exact fixed-point scaler) when it
-        // is the same for every channel, else int32 multipliers and a shift.
-        let scaling = match &cand.requant {
-            Some(r) if r.ratios.iter().all(|x| *x == r.ratios[0]) => {
-                Some((vec![], r.ratios[0] as f32))
-            }
-            Some(r) => match multipliers(&r.ratios) {
-                Some((mult, shift)) => Some((mult, 2f32.powi(-shift))),
-                None => {
-                    // Too coarse for fixed point: tract's f32 per-channel `Scale` (a pass of
-                    // its own, as before), still after the merged matmul.
-                    stats.requant_left += 1;
-                    Some((vec![], f32::NAN))
-                }
-            },
-            None => None,
-        };
+        let scaling = cand.requant.as_ref().map(|r| Scaling::of(&r.ratios));
+        if matches!(scaling, Some(Scaling::PerChannelF32)) {
+            stats.requant_left += 1;
+        }
         let out_fact = node.outputs[0].fact.clone();
         let rank = out_fact.rank();
         let name = &node.name;
@@ -331,7 +392,7 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
             tract_core::ops::math::add(),
             &[wire, bias],
         )?[0];
-        let (Some((mult, factor)), Some(r)) = (scaling, &cand.requant) else {
+        let (Some(scaling), Some(r)) = (scaling, &cand.requant) else {
             // int32 out: the plain einsum and its bias are the whole op.
             finish(model, patch, id, wire, || {
                 format!("kiln int8 matmul pass on `{name}`")
@@ -339,22 +400,24 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
             stats.int32_plain += 1;
             continue;
         };
-        if !mult.is_empty() {
-            let m = patch.add_const(
-                format!("{name}.kiln_multiplier"),
-                tensor1(&mult).into_shape(&shape)?,
-            )?;
-            wire = patch.wire_node(
-                format!("{name}.kiln_mul"),
-                tract_core::ops::math::mul(),
-                &[wire, m],
-            )?[0];
-        }
-        let factor = if factor.is_nan() {
-            let per_channel: Vec<f32> = r.ratios.iter().map(|x| *x as f32).collect();
-            tensor1(&per_channel).into_shape(&shape)?
-        } else {
-            tensor0(factor).broadcast_into_rank(rank)?
+        let factor = match scaling {
+            Scaling::PerTensor(r) => tensor0(r).broadcast_into_rank(rank)?,
+            Scaling::FixedPoint(mult, shift) => {
+                let m = patch.add_const(
+                    format!("{name}.kiln_multiplier"),
+                    tensor1(&mult).into_shape(&shape)?,
+                )?;
+                wire = patch.wire_node(
+                    format!("{name}.kiln_mul"),
+                    tract_core::ops::math::mul(),
+                    &[wire, m],
+                )?[0];
+                tensor0(2f32.powi(-shift)).broadcast_into_rank(rank)?
+            }
+            Scaling::PerChannelF32 => {
+                let per_channel: Vec<f32> = r.ratios.iter().map(|x| *x as f32).collect();
+                tensor1(&per_channel).into_shape(&shape)?
+            }
         };
         let factor = patch.add_const(format!("{name}.kiln_scale"), factor)?;
         wire = patch.wire_node(
@@ -429,33 +492,32 @@ fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
         let eight_bit = |dt: DatumType| {
             dt.unquantized() == u8::datum_type() || dt.unquantized() == i8::datum_type()
         };
-        if node.inputs.len() != 9 || !eight_bit(out.datum_type) || !eight_bit(x_fact.datum_type) {
+        if !eight_bit(out.datum_type) || !eight_bit(x_fact.datum_type) {
             continue;
         }
-        let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
-        let scalar = |i: usize| const_f64(model, node.inputs[i]).filter(|v| v.len() == 1);
-        let (Some(kernel), Some(bias), Some(x0), Some(xs), Some(k0), Some(ks), Some(y0), Some(ys)) = (
-            kernel.filter(|k| k.datum_type().unquantized() == i8::datum_type()),
-            const_f64(model, node.inputs[2]),
-            scalar(3),
-            scalar(4),
-            const_f64(model, node.inputs[5]),
-            const_f64(model, node.inputs[6]),
-            scalar(7),
-            scalar(8),
-        ) else {
+        let Some(q) = QParams::of(model, &node) else {
+            continue;
+        };
+        let (Some(raw), Some(x0), Some(y0)) = (q.raw_weights(), scalar(&q.x0), scalar(&q.y0))
+        else {
             continue;
         };
         let c = conv.group;
-        let per_channel = |v: &[f64]| v.len() == 1 || v.len() == c;
-        if k0.iter().any(|z| *z != 0.0) || !per_channel(&ks) || !per_channel(&bias) {
+        let (Some(ratios), Some(bias)) = (
+            combine(&q.x_scale, &q.w_scale, &q.y_scale, c),
+            (0..c)
+                .map(|i| at(&q.bias, i, c))
+                .collect::<Option<Vec<f64>>>(),
+        ) else {
             continue;
-        }
+        };
         let Some(x_shape) = x_fact.shape.as_concrete().map(|s| s.to_vec()) else {
             continue;
         };
-        let at = |v: &[f64], i: usize| v[if v.len() == 1 { 0 } else { i }];
-        let weights: Vec<i16> = kernel.as_bytes().iter().map(|b| *b as i8 as i16).collect();
+        if !q.weights_centered() {
+            continue;
+        }
+        let weights: Vec<i16> = raw.iter().map(|w| *w as i16).collect();
         let (kh, kw) = (
             conv.pool_spec.kernel_shape[0],
             conv.pool_spec.kernel_shape[1],
@@ -469,12 +531,8 @@ fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
         let dilations = conv.pool_spec.dilations();
         let op = KilnDepthwise {
             weights: Arc::new(weights),
-            bias: Arc::new((0..c).map(|i| at(&bias, i) as i32).collect()),
-            ratios: Arc::new(
-                (0..c)
-                    .map(|i| (xs[0] * at(&ks, i) / ys[0]) as f32)
-                    .collect(),
-            ),
+            bias: Arc::new(bias.iter().map(|b| *b as i32).collect()),
+            ratios: Arc::new(ratios.iter().map(|r| *r as f32).collect()),
             kernel: (kh, kw),
             strides: (strides[0], strides[1]),
             dilations: (dilations[0], dilations[1]),
@@ -484,8 +542,8 @@ fn depthwise(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
                 padding[0].pad_after,
                 padding[1].pad_after,
             ),
-            x0: x0[0] as i32,
-            y0: y0[0] as i32,
+            x0: x0 as i32,
+            y0: y0 as i32,
             out: out.datum_type,
         };
         let patch = TypedModelPatch::replace_single_op(model, &node, &node.inputs[0..1], op)?;
@@ -515,48 +573,33 @@ fn conv_zero_point(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> 
     for id in ids {
         let node = model.node(id).clone();
         let conv = node.op_as::<Conv>().unwrap();
-        if node.inputs.len() != 9 {
-            continue;
-        }
         let x_fact = model.outlet_fact(node.inputs[0])?.clone();
         let offset = match x_fact.datum_type.unquantized() {
             dt if dt == u8::datum_type() => true,
             dt if dt == i8::datum_type() => false,
             _ => continue,
         };
-        let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
-        let (Some(kernel), Some(bias), Some(x0), Some(k0)) = (
-            kernel.filter(|k| k.datum_type().unquantized() == i8::datum_type()),
-            const_f64(model, node.inputs[2]),
-            const_f64(model, node.inputs[3]).filter(|v| v.len() == 1),
-            const_f64(model, node.inputs[5]),
-        ) else {
+        let Some(q) = QParams::of(model, &node) else {
             continue;
         };
-        let x0 = x0[0] as i64 - if offset { 128 } else { 0 };
-        if x0 == 0 || k0.iter().any(|z| *z != 0.0) {
+        let (Some(kernel), Some(raw), Some(x0)) = (&q.weights, q.raw_weights(), scalar(&q.x0))
+        else {
+            continue;
+        };
+        let x0 = x0 as i64 - if offset { 128 } else { 0 };
+        if x0 == 0 || !q.weights_centered() {
             continue;
         }
         let Some(x_shape) = x_fact.shape.as_concrete().map(|s| s.to_vec()) else {
             continue;
         };
         // Σ w per output channel (OIHW: the first axis).
-        let o = kernel.shape()[0];
-        let per = kernel.len() / o.max(1);
-        let sums: Vec<i64> = kernel
-            .as_bytes()
+        let per = kernel.len() / kernel.shape()[0].max(1);
+        let sums: Vec<i64> = raw
             .chunks(per.max(1))
-            .map(|c| c.iter().map(|b| *b as i8 as i64).sum())
+            .map(|c| c.iter().map(|w| *w as i64).sum())
             .collect();
-        if bias.len() != 1 && bias.len() != o {
-            continue;
-        }
-        let Ok(new_bias) = sums
-            .iter()
-            .enumerate()
-            .map(|(c, s)| i32::try_from(bias[if bias.len() == 1 { 0 } else { c }] as i64 - x0 * s))
-            .collect::<std::result::Result<Vec<i32>, _>>()
-        else {
+        let Some(new_bias) = fold_zero_point(&q.bias, x0, &sums) else {
             continue;
         };
         let shape = conv.pool_spec.data_format.shape(x_shape.clone())?;
@@ -623,28 +666,29 @@ fn conv_requant(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
         let conv = node.op_as::<Conv>().unwrap();
         let out = node.outputs[0].fact.clone();
         let c_dt = out.datum_type.unquantized();
-        if node.inputs.len() != 9 || (c_dt != u8::datum_type() && c_dt != i8::datum_type()) {
+        if c_dt != u8::datum_type() && c_dt != i8::datum_type() {
             continue;
         }
-        let (Some(xs), Some(ks), Some(ys), Some(zp)) = (
-            const_f64(model, node.inputs[4]).filter(|v| v.len() == 1),
-            const_f64(model, node.inputs[6]),
-            const_f64(model, node.inputs[8]).filter(|v| v.len() == 1),
-            const_f64(model, node.inputs[7]).filter(|v| v.len() == 1),
-        ) else {
+        let Some(q) = QParams::of(model, &node) else {
             continue;
         };
-        if ks.len() <= 1 {
+        let Some(zp) = scalar(&q.y0) else {
+            continue;
+        };
+        if q.w_scale.len() <= 1 {
             continue; // per tensor: tract fuses it into the matmul
         }
         let Ok(shape) = conv.pool_spec.data_format.shape(out.shape.to_tvec()) else {
             continue;
         };
         let axis = shape.c_axis();
-        if out.shape[axis].to_usize().ok() != Some(ks.len()) {
+        let Some(channels) = out.shape[axis].to_usize().ok() else {
             continue;
-        }
-        let ratios: Vec<f32> = ks.iter().map(|k| (xs[0] * k / ys[0]) as f32).collect();
+        };
+        let Some(ratios) = combine(&q.x_scale, &q.w_scale, &q.y_scale, channels) else {
+            continue;
+        };
+        let ratios: Vec<f32> = ratios.iter().map(|r| *r as f32).collect();
         let name = &node.name;
         let mut patch = TypedModelPatch::new(format!("kiln conv requant {name}"));
         let mut inputs = patch.taps(model, &node.inputs)?;
@@ -661,7 +705,7 @@ fn conv_requant(model: &mut TypedModel, stats: &mut PassStats) -> Result<()> {
         let op = KilnRequant {
             ratios: Arc::new(ratios),
             axis,
-            zero_point: zp[0] as i32,
+            zero_point: zp as i32,
             out: out.datum_type,
         };
         let wire = patch.wire_node(format!("{name}.kiln_requant"), op, &[acc])?[0];
@@ -834,6 +878,7 @@ mod tests {
     }
 
     fn run(mut m: TypedModel, passes: bool) -> Result<(Tensor, PassStats)> {
+        crate::configure_tract()?; // what exec::optimize does first (AMX int8 off)
         m.declutter()?;
         let stats = if passes {
             super::run(&mut m)?
