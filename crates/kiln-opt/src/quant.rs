@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{bail, Result};
 use serde::Serialize;
 use tract_onnx::pb::{ModelProto, NodeProto};
+use tract_onnx::prelude::f16;
 
 use crate::calib::act_params;
 use crate::onnx::{self, Names};
@@ -282,6 +283,22 @@ pub fn weight_granularity(data: &[f32], out_channels: usize) -> Granularity {
     }
 }
 
+/// The smallest f16-representable value ≥ `s`, for a weight scale in f16's normal range
+/// (else `s` itself). A scale at most 2^-11 larger never clips a weight and costs nothing
+/// measurable, and it lets the NNEF writer store every per-channel scale in half the bytes
+/// without changing a bit of the computation (`kiln_graph::nnef::narrow_constants`).
+fn f16_exact_at_least(s: f32) -> f32 {
+    let h = f16::from_f32(s);
+    if !(f16::MIN_POSITIVE.to_f32()..=f16::MAX.to_f32()).contains(&s) || !h.is_finite() {
+        return s;
+    }
+    if h.to_f32() >= s {
+        h.to_f32()
+    } else {
+        f16::from_bits(h.to_bits() + 1).to_f32()
+    }
+}
+
 /// Symmetric int8 quantization of `w` (shape [rows, cols] flattened) with one scale per
 /// `axis_len` slice along `axis` (0: per row, 1: per column).
 fn quantize_symmetric(
@@ -300,7 +317,13 @@ fn quantize_symmetric(
     }
     let scales: Vec<f32> = amax
         .iter()
-        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .map(|&a| {
+            if a > 0.0 {
+                f16_exact_at_least(a / 127.0)
+            } else {
+                1.0
+            }
+        })
         .collect();
     let mut q = vec![0i8; data.len()];
     for r in 0..rows {
@@ -792,5 +815,22 @@ mod tests {
             assert!((v - qv as f32 * s[i / 3]).abs() <= s[i / 3] / 2.0 + 1e-6);
         }
         assert_eq!(q[3], 127);
+    }
+
+    #[test]
+    fn weight_scales_are_f16_exact_and_never_smaller() {
+        for s in [1e-4f32, 0.0123456, 0.5, 1.0, 3.3333, 1000.1] {
+            let r = f16_exact_at_least(s);
+            assert!(r >= s && r <= s * (1.0 + 1.0 / 1024.0), "{s} -> {r}");
+            assert_eq!(f16::from_f32(r).to_f32(), r, "{s} -> {r} is not f16-exact");
+        }
+        // Outside f16's normal range the scale is kept as it is.
+        assert_eq!(f16_exact_at_least(1e-7), 1e-7);
+        assert_eq!(f16_exact_at_least(1e6), 1e6);
+        // The largest weight still maps to ±127 exactly or just inside, never clipped.
+        let data = [0.0123456f32 * 127.0, -0.3, 0.1];
+        let (q, s) = quantize_symmetric(&data, 1, 3, true);
+        assert_eq!(f16::from_f32(s[0]).to_f32(), s[0]);
+        assert_eq!(q[0], 127);
     }
 }
