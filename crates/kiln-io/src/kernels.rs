@@ -364,7 +364,7 @@ impl KilnDepthwise {
         //
         // The run is cut into blocks of `BLOCK` accumulators that stay in registers through all
         // the taps (one store per output instead of a load and a store per tap), and each
-        // product is one 16-bit multiply: |x| <= 255 and |w| <= 127, so x·w fits in i16 exactly.
+        // product is one 16-bit multiply: |x| <= 255 and |w| <= 128, so x·w fits in i16 exactly.
         let span = (oh - 1) * ws + ow;
         let taps: TVec<(usize, i16)> = (0..kh * kw)
             .map(|k| {
@@ -375,7 +375,7 @@ impl KilnDepthwise {
             .collect();
         acc.clear();
         acc.resize(span, 0);
-        const BLOCK: usize = 64;
+        const BLOCK: usize = 32;
         let mut c0 = 0;
         while c0 + BLOCK <= span {
             let mut a = [start; BLOCK];

@@ -903,7 +903,7 @@ mod tests {
 
     #[test]
     fn passes_compute_what_tract_computes() {
-        // 23x23 planes take KilnDepthwise through several 64-accumulator blocks and a tail,
+        // 23x23 planes take KilnDepthwise through several 32-accumulator blocks and a tail,
         // 7x7 ones through the tail alone; 8x8 ones have an even width (stride-2 split).
         let cases = [(3, 1, 1), (3, 1, 2), (3, 0, 1), (1, 0, 2)];
         for ((k, pad, stride), depthwise, hw) in cases
