@@ -374,7 +374,7 @@ impl KilnDepthwise {
             })
             .collect();
         acc.clear();
-        acc.resize(span, 0);
+        acc.resize(span, start);
         const BLOCK: usize = 32;
         let mut c0 = 0;
         while c0 + BLOCK <= span {
@@ -390,7 +390,6 @@ impl KilnDepthwise {
             c0 += BLOCK;
         }
         let tail = &mut acc[c0..];
-        tail.fill(start);
         for &(at, wt) in &taps {
             for (a, v) in tail.iter_mut().zip(&xp[at + c0..at + span]) {
                 *a += wt.wrapping_mul((*v).into()) as i32;

@@ -219,7 +219,8 @@ fn narrowed(t: &Tensor) -> Option<Tensor> {
 /// `KilnWiden` back to the original type, so the file shrinks and the computation does not
 /// change: reading `kiln_widen` gives back the original constant, bit for bit. Quantized
 /// models gain most: int32 biases that fit 16 bits and f16-exact per-channel scales.
-pub fn narrow_constants(model: &TypedModel) -> TractResult<TypedModel> {
+/// The model is borrowed, not copied, when no constant narrows.
+pub fn narrow_constants(model: &TypedModel) -> TractResult<std::borrow::Cow<'_, TypedModel>> {
     let mut patch = TypedModelPatch::default();
     let mut changed = false;
     for node in &model.nodes {
@@ -247,12 +248,12 @@ pub fn narrow_constants(model: &TypedModel) -> TractResult<TypedModel> {
         patch.shunt_outside(model, OutletId::new(node.id, 0), widened)?;
         changed = true;
     }
-    let mut model = model.clone();
-    if changed {
-        patch.apply(&mut model)?;
-        model = model.into_compact()?;
+    if !changed {
+        return Ok(std::borrow::Cow::Borrowed(model));
     }
-    Ok(model)
+    let mut model = model.clone();
+    patch.apply(&mut model)?;
+    Ok(std::borrow::Cow::Owned(model.into_compact()?))
 }
 
 /// A constant stored narrower than it is used (see `narrow_constants`): casts it back to
