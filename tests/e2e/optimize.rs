@@ -541,3 +541,41 @@ fn f16_model_keeps_f32_inputs_and_outputs_on_the_runner() {
     }
     assert_close(&got, &want, 1e-2, "cnn f16");
 }
+
+/// `--speed-search` on the small cnn (whose int8 form is about as fast as its fp32 one, so
+/// the search may or may not move layers, depending on this host): every layer it returns
+/// to f32 says why with the measured times, at least one layer stays int8, the accuracy is
+/// that of the written model, and the written model runs.
+#[test]
+fn speed_search_moves_layers_only_with_a_measured_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = fixture("cnn", "calib.npz");
+    let r = check(
+        tmp.path(),
+        "cnn",
+        "int8-static",
+        &["--calib", calib.to_str().unwrap(), "--speed-search"],
+    );
+    let layers = r["layers"].as_array().unwrap();
+    assert!(layers.iter().any(|l| l["precision"] == "int8"), "{r}");
+    for l in layers {
+        let why = l["kept_reason"].as_str().unwrap_or("");
+        if why.starts_with("speed:") {
+            assert_eq!(l["precision"], "f32", "{l}");
+            assert!(why.contains(" ms; fp32 "), "{why}");
+        }
+    }
+    let kept: Vec<&str> = r["kept_f32"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    let f32_layers: Vec<&str> = layers
+        .iter()
+        .filter(|l| l["precision"] == "f32")
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(kept, f32_layers, "{r}");
+    assert!(r["accuracy"]["drop"].as_f64().unwrap() <= 0.5, "{r}");
+}

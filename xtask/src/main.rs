@@ -10,6 +10,7 @@ mod cross;
 mod fuzz;
 pub mod py;
 mod qbench;
+mod vendor;
 
 const USAGE: &str = "\
 usage: cargo xtask <task>
@@ -35,6 +36,10 @@ tasks:
                      target/bench/quantize.json
   bench collector    10,000 reports from 32 concurrent senders into `kiln collect`'s server:
                      throughput, none lost, none duplicated
+  vendor-tract-linalg [--check]
+                     rewrite third_party/tract-linalg from cargo's registry copy with its x86
+                     kernels' legacy-SSE instructions made VEX (third_party/README.md); --check
+                     only verifies the committed copy
   fuzz [--seconds N] mutation-fuzz the artifact reader and manifest parser (default 30 s)
 ";
 
@@ -60,6 +65,7 @@ fn run() -> Result<()> {
         Some("bench") => bench::bench(&root, &args[1..]),
         Some("fuzz") => fuzz::fuzz(&root, &args[1..]),
         Some("runner") => cross::runners(&root, &args[1..]),
+        Some("vendor-tract-linalg") => vendor::vendor(&root, &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())

@@ -149,6 +149,7 @@ fn quantize(dir: &Path, work: &Path) -> Result<bool> {
             load: Default::default(),
             progress: false,
             int8_everywhere: false,
+            speed_search: false,
         };
         let done = kiln_opt::optimize::optimize(&dir.join(name).join("model.onnx"), &opts)?;
         let bytes = kiln_graph::nnef::to_nnef_bytes(&done.model)?;

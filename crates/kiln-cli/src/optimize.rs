@@ -50,6 +50,10 @@ pub struct OptimizeArgs {
     /// (grouped convolutions that are not depthwise; depthwise ones are int8 already).
     #[arg(long)]
     pub int8_everywhere: bool,
+    /// When the int8 model runs slower than fp32 on this host, return to f32 the layers that
+    /// make it faster (each change measured; the report says which and by how much).
+    #[arg(long)]
+    pub speed_search: bool,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -100,6 +104,7 @@ pub fn optimize_cmd(args: OptimizeArgs) -> Result<ExitCode> {
         load: LoadOptions { input_shapes },
         progress: !args.json,
         int8_everywhere: args.int8_everywhere,
+        speed_search: args.speed_search,
     };
     let (start, prune_report) = match args.prune.prune.is_some() {
         true => {
@@ -167,6 +172,26 @@ fn to_text(r: &Report, out: &std::path::Path) -> String {
         s += &format!("; kept in f32: {}", r.kept_f32.join(", "));
     }
     s += "\n";
+    // Why, for the first few (all of them are in the JSON report).
+    const WHY_SHOWN: usize = 8;
+    let why: Vec<_> = r
+        .layers
+        .iter()
+        .filter(|l| l.kept_reason.is_some())
+        .collect();
+    for l in why.iter().take(WHY_SHOWN) {
+        s += &format!(
+            "  f32       {}: {}\n",
+            l.name,
+            l.kept_reason.as_deref().unwrap_or("")
+        );
+    }
+    if why.len() > WHY_SHOWN {
+        s += &format!(
+            "  f32       … and {} more (see --report)\n",
+            why.len() - WHY_SHOWN
+        );
+    }
     if let Some(a) = &r.accuracy {
         s += &format!(
             "  accuracy  {} {:.2} → {:.2} (drop {:.2} points; cosine {:.5}, max-abs {:.4}) on {} samples of {}\n",

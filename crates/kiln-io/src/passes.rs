@@ -35,8 +35,8 @@ const MIN_MULTIPLIER: f64 = 32.0;
 pub struct PassStats {
     /// Quantized einsums with an 8-bit output (1x1 convs) made plain and requantized after.
     pub requant_fixed_point: usize,
-    /// Of those, the ones requantized by tract's f32 per-channel `Scale` (unfused) because a
-    /// fixed-point multiplier would be too coarse.
+    /// Of those, the ones requantized in f32 by one `KilnRequant` pass because a fixed-point
+    /// multiplier would be too coarse.
     pub requant_left: usize,
     /// Quantized einsums with an int32 output (`MatMulInteger`) made plain.
     pub int32_plain: usize,
@@ -103,7 +103,7 @@ enum Scaling {
     PerTensor(f32),
     /// `× M[c]` (int32) then a rounding shift right by `shift`, fused into the matmul.
     FixedPoint(Vec<i32>, i32),
-    /// A multiplier would be too coarse: tract's f32 per-channel `Scale`, a pass of its own.
+    /// A multiplier would be too coarse: per-channel f32 ratios in one `KilnRequant` pass.
     PerChannelF32,
 }
 
@@ -415,8 +415,20 @@ fn requant_per_channel(model: &mut TypedModel, stats: &mut PassStats) -> Result<
                 tensor0(2f32.powi(-shift)).broadcast_into_rank(rank)?
             }
             Scaling::PerChannelF32 => {
-                let per_channel: Vec<f32> = r.ratios.iter().map(|x| *x as f32).collect();
-                tensor1(&per_channel).into_shape(&shape)?
+                // Too coarse for fixed point: one `KilnRequant` pass over the accumulator (tract
+                // would run its f32 `Scale`, the zero point, min, max and cast as five).
+                let op = KilnRequant {
+                    ratios: Arc::new(r.ratios.iter().map(|x| *x as f32).collect()),
+                    axis: cand.plain.axis,
+                    zero_point: r.zero_point,
+                    out: out_fact.datum_type,
+                };
+                wire = patch.wire_node(format!("{name}.kiln_requant"), op, &[wire])?[0];
+                finish(model, patch, id, wire, || {
+                    format!("kiln requant pass on `{name}`")
+                })?;
+                stats.requant_fixed_point += 1;
+                continue;
             }
         };
         let factor = patch.add_const(format!("{name}.kiln_scale"), factor)?;
@@ -780,6 +792,8 @@ mod tests {
         x0: i32,
         group: usize,
         stride: usize,
+        /// Channel c's weight scale is `w_scale · (1 + c/2)`.
+        w_scale: f32,
     }
 
     fn wire(m: &mut TypedModel, name: &str, x: OutletId, c: QConv) -> Result<OutletId> {
@@ -792,13 +806,14 @@ mod tests {
             x0,
             group,
             stride,
+            w_scale,
         } = c;
         let w: Vec<i8> = values(co * ci / group * k * k, seed, -127, 127)
             .into_iter()
             .map(|v| v as i8)
             .collect();
         let w = tensor1(&w).into_shape(&[co, ci / group, k, k])?;
-        let ks: Vec<f32> = (0..co).map(|c| 0.002 + 0.001 * c as f32).collect();
+        let ks: Vec<f32> = (0..co).map(|c| w_scale * (1.0 + 0.5 * c as f32)).collect();
         let consts = [
             w,
             tensor1(&values(co, seed + 1, -500, 500)),
@@ -832,13 +847,15 @@ mod tests {
 
     /// uint8 NCHW input → k x k quantized conv (zero point 3) → 1x1 quantized conv; or a
     /// k x k depthwise conv (zero point 5) alone: the shapes of kiln's int8 conv models.
-    /// `hw` is the input's height and width.
+    /// `hw` is the input's height and width; `coarse` gives the 1x1 conv ratios too small for
+    /// a fixed-point multiplier.
     fn model(
         k: usize,
         pad: usize,
         stride: usize,
         depthwise: bool,
         hw: usize,
+        coarse: bool,
     ) -> Result<TypedModel> {
         let mut m = TypedModel::default();
         let channels = if depthwise { 16 } else { 4 };
@@ -853,6 +870,7 @@ mod tests {
                 x0: 5,
                 group: 16,
                 stride,
+                w_scale: 0.002,
             };
             wire(&mut m, "depthwise", x, dw)?
         } else {
@@ -866,6 +884,7 @@ mod tests {
                 x0: 3,
                 group,
                 stride,
+                w_scale: 0.002,
             };
             let y = wire(&mut m, "first", x, first)?;
             let second = QConv {
@@ -877,6 +896,7 @@ mod tests {
                 x0: 0,
                 group,
                 stride: 1,
+                w_scale: if coarse { 1e-4 } else { 0.002 },
             };
             wire(&mut m, "second", y, second)?
         };
@@ -906,20 +926,28 @@ mod tests {
         // 23x23 planes take KilnDepthwise through several 32-accumulator blocks and a tail,
         // 7x7 ones through the tail alone; 8x8 ones have an even width (stride-2 split).
         let cases = [(3, 1, 1), (3, 1, 2), (3, 0, 1), (1, 0, 2)];
-        for ((k, pad, stride), depthwise, hw) in cases
-            .into_iter()
-            .flat_map(|c| [(c, false, 7), (c, true, 7), (c, true, 8), (c, true, 23)])
-        {
+        // `coarse`: the 1x1 conv's requantization goes through `KilnRequant` (f32 ratios).
+        for ((k, pad, stride), depthwise, hw, coarse) in cases.into_iter().flat_map(|c| {
+            [
+                (c, false, 7, false),
+                (c, false, 7, true),
+                (c, true, 7, false),
+                (c, true, 8, false),
+                (c, true, 23, false),
+            ]
+        }) {
             {
-                let (want, _) = run(model(k, pad, stride, depthwise, hw).unwrap(), false).unwrap();
-                let (got, stats) =
-                    run(model(k, pad, stride, depthwise, hw).unwrap(), true).unwrap();
+                let m = || model(k, pad, stride, depthwise, hw, coarse).unwrap();
+                let (want, _) = run(m(), false).unwrap();
+                let (got, stats) = run(m(), true).unwrap();
                 let (w, g) = (want.as_bytes(), got.as_bytes());
                 assert_eq!(w.len(), g.len());
                 assert!(w.iter().any(|v| *v != 0), "degenerate test data");
                 let worst = w.iter().zip(g).map(|(a, b)| (*a as i32 - *b as i32).abs());
                 let worst = worst.max().unwrap();
-                let what = format!("kernel {k}x{k}, pad {pad}, stride {stride}, {hw}x{hw}");
+                let what = format!(
+                    "kernel {k}x{k}, pad {pad}, stride {stride}, {hw}x{hw}, coarse {coarse}"
+                );
                 if depthwise {
                     // Exact int32 accumulation; the requantization multiplies by one f32
                     // ratio where tract's lowering rescales in its own order, so an output
@@ -940,6 +968,7 @@ mod tests {
                     if k == 3 {
                         assert_eq!(stats.conv_zero_point, 1, "{what}: {stats:?}");
                     }
+                    assert_eq!(stats.requant_left, coarse as usize, "{what}: {stats:?}");
                     // Up to the rounding of the fixed-point multipliers: one step.
                     assert!(worst <= 1, "{what}: worst {worst}");
                 }

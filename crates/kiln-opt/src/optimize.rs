@@ -62,6 +62,10 @@ pub struct Options {
     pub progress: bool,
     /// Quantize layers kiln would keep in f32 for speed (grouped, non-depthwise convs) too.
     pub int8_everywhere: bool,
+    /// When the quantized model runs slower than fp32 on this host, return to f32 the
+    /// layers that make it faster (measured; see `speed_search`). Off by default: its result
+    /// depends on this host's timings, and kiln's outputs are otherwise reproducible.
+    pub speed_search: bool,
 }
 
 /// Accuracy of the optimized model against fp32 on the eval set.
@@ -295,6 +299,73 @@ fn latency_ms(model: &Model, batch: &Batch) -> Result<f64> {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
+}
+
+/// Best of `runs` timed inferences (ms), after one warm-up: the speed search compares models
+/// whose difference can be a few percent, where the minimum is steadier than the median.
+fn best_ms(model: &Model, batch: &Batch, runs: usize) -> Result<f64> {
+    let plan = kiln_io::exec::prepare(&model.typed, &batch.symbols)?;
+    let mut state = plan.spawn()?;
+    let input = batch.sample(0)?;
+    state.run(input.clone())?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs {
+        let t = Instant::now();
+        state.run(input.clone())?;
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(best)
+}
+
+/// Timed runs per model in the speed search.
+const SPEED_RUNS: usize = 15;
+
+/// A layer change the speed search must beat to be kept: 3% faster, above timing noise.
+const SPEED_GAIN: f64 = 0.97;
+
+/// One layer the speed search returned to f32: model time before and after (ms).
+#[derive(Debug, Clone, PartialEq)]
+struct SpeedStep {
+    layer: String,
+    before_ms: f64,
+    after_ms: f64,
+}
+
+/// When the quantized model (`start_ms`) runs slower than fp32 (`reference_ms`): returns
+/// layers to f32 one at a time in graph order, keeping each change that makes the whole
+/// model at least 3% faster (`measure` times a selection), until it is no slower than fp32
+/// or every layer was tried. At least one layer stays quantized. Returns the selection and
+/// the changes kept.
+fn speed_search(
+    selected: &[Layer],
+    reference_ms: f64,
+    start_ms: f64,
+    measure: &mut dyn FnMut(&[Layer]) -> Result<f64>,
+) -> Result<(Vec<Layer>, Vec<SpeedStep>)> {
+    let mut current = selected.to_vec();
+    let mut best = start_ms;
+    let mut steps = vec![];
+    for layer in selected {
+        if best <= reference_ms || current.len() <= 1 {
+            break;
+        }
+        let trial: Vec<Layer> = current
+            .iter()
+            .filter(|l| l.name != layer.name)
+            .cloned()
+            .collect();
+        let t = measure(&trial)?;
+        if t < best * SPEED_GAIN {
+            steps.push(SpeedStep {
+                layer: layer.name.clone(),
+                before_ms: best,
+                after_ms: t,
+            });
+            current = trial;
+            best = t;
+        }
+    }
+    Ok((current, steps))
 }
 
 fn op_histogram(model: &Model) -> Result<Vec<(String, usize)>> {
@@ -578,6 +649,45 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
             );
         }
     }
+    // int8 must not be slower than f32: when the whole model is, return to f32 the layers
+    // that make it faster on this host (measured, see `speed_search`), within the budget.
+    if let (Some(e), true) = (
+        &evaluator,
+        opts.speed_search
+            && opts.precision != Precision::F16
+            && !opts.int8_everywhere
+            && selected.len() > 1,
+    ) {
+        let reference = best_ms(&fp32, &e.batch, SPEED_RUNS)?;
+        let start = best_ms(&q_model, &e.batch, SPEED_RUNS)?;
+        if start > reference {
+            let mut measure = |sel: &[Layer]| -> Result<f64> {
+                let (_, m) = build(sel)?;
+                if let (Some(budget), Some(a)) = (opts.max_drop, eval_model(&m)?) {
+                    if a.drop > budget {
+                        return Ok(f64::INFINITY); // never trade the budget for speed
+                    }
+                }
+                best_ms(&m, &e.batch, SPEED_RUNS)
+            };
+            let (sel, steps) = speed_search(&selected, reference, start, &mut measure)?;
+            if !steps.is_empty() {
+                selected = sel;
+                (q_proto, q_model) = build(&selected)?;
+                accuracy = eval_model(&q_model)?;
+                for s in &steps {
+                    kept.push((
+                        s.layer.clone(),
+                        format!(
+                            "speed: the model ran faster with this layer in f32 on this host \
+                             ({:.3} → {:.3} ms; fp32 {:.3} ms)",
+                            s.before_ms, s.after_ms, reference
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     let latency = match &evaluator {
         Some(e) => Some(Latency {
             reference_ms: latency_ms(&fp32, &e.batch)?,
@@ -588,8 +698,13 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
     if let Some(l) = &latency {
         if l.optimized_ms > l.reference_ms {
             notes.push(format!(
-                "the optimized model ran slower than fp32 on this host ({:.3} ms vs {:.3} ms per inference)",
-                l.optimized_ms, l.reference_ms
+                "the optimized model ran slower than fp32 on this host ({:.3} ms vs {:.3} ms per inference){}",
+                l.optimized_ms, l.reference_ms,
+                if opts.speed_search || opts.precision == Precision::F16 {
+                    ""
+                } else {
+                    "; --speed-search returns to f32 the layers that make it faster here"
+                }
             ));
         }
     }
@@ -647,4 +762,66 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
         model: q_model,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(name: &str) -> Layer {
+        Layer {
+            name: name.into(),
+            op: "Conv".into(),
+            params: 0,
+            input: String::new(),
+            output: None,
+        }
+    }
+
+    /// A host where each layer costs `int8[i]` ms quantized and `f32[i]` ms in f32, plus
+    /// 1 ms for the rest of the model.
+    fn check(int8: &[f64], f32: &[f64], expected_f32: &[&str]) {
+        let layers: Vec<Layer> = (0..int8.len()).map(|i| layer(&format!("l{i}"))).collect();
+        let cost = |sel: &[Layer]| -> f64 {
+            1.0 + (0..int8.len())
+                .map(|i| {
+                    let q = sel.iter().any(|l| l.name == format!("l{i}"));
+                    if q {
+                        int8[i]
+                    } else {
+                        f32[i]
+                    }
+                })
+                .sum::<f64>()
+        };
+        let reference = cost(&[]);
+        let start = cost(&layers);
+        let mut calls = 0;
+        let mut measure = |sel: &[Layer]| -> Result<f64> {
+            calls += 1;
+            Ok(cost(sel))
+        };
+        let (sel, steps) = speed_search(&layers, reference, start, &mut measure).unwrap();
+        let back: Vec<&str> = steps.iter().map(|s| s.layer.as_str()).collect();
+        assert_eq!(back, expected_f32, "int8 {int8:?} f32 {f32:?}");
+        assert_eq!(sel.len(), layers.len() - back.len());
+        for s in &steps {
+            assert!(s.after_ms < s.before_ms * SPEED_GAIN);
+        }
+        assert!(calls <= layers.len());
+    }
+
+    #[test]
+    fn speed_search_returns_only_the_slow_layers() {
+        // Already faster than f32: nothing is tried.
+        check(&[1.0, 1.0], &[2.0, 2.0], &[]);
+        // The first layer is slow in int8: back to f32; the second stays quantized.
+        check(&[3.0, 1.0, 1.0], &[1.0, 2.0, 1.5], &["l0"]);
+        // Both slow layers go back; the search stops once the model is no slower than f32.
+        check(&[1.0, 4.0, 1.0, 4.0], &[1.5, 1.0, 1.5, 1.0], &["l1", "l3"]);
+        // A gain below 3% is noise: kept quantized.
+        check(&[1.0, 10.01], &[1.0, 10.0], &[]);
+        // Every layer slower: one stays quantized (int8 was asked for).
+        check(&[2.0, 2.0, 2.0], &[1.0, 1.0, 1.0], &["l0", "l1"]);
+    }
 }

@@ -697,6 +697,7 @@ fn run_optimize(model: &ModelSpec) -> Result<BTreeMap<String, Vec<u8>>> {
                 load,
                 progress: false,
                 int8_everywhere: o.int8_everywhere,
+                speed_search: false, // timing-dependent: a pipeline stays reproducible
             };
             let done = kiln_opt::optimize::optimize_from(&model.path, pruned, &opts)?;
             files.insert(
