@@ -174,17 +174,13 @@ fn to_text(r: &Report, out: &std::path::Path) -> String {
     s += "\n";
     // Why, for the first few (all of them are in the JSON report).
     const WHY_SHOWN: usize = 8;
-    let why: Vec<_> = r
+    let why: Vec<(&str, &str)> = r
         .layers
         .iter()
-        .filter(|l| l.kept_reason.is_some())
+        .filter_map(|l| Some((l.name.as_str(), l.kept_reason.as_deref()?)))
         .collect();
-    for l in why.iter().take(WHY_SHOWN) {
-        s += &format!(
-            "  f32       {}: {}\n",
-            l.name,
-            l.kept_reason.as_deref().unwrap_or("")
-        );
+    for (name, reason) in why.iter().take(WHY_SHOWN) {
+        s += &format!("  f32       {name}: {reason}\n");
     }
     if why.len() > WHY_SHOWN {
         s += &format!(

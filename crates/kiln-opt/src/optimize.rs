@@ -285,36 +285,32 @@ fn to_f16(mut model: Model, keep: &HashSet<String>) -> Result<Model> {
     Ok(model)
 }
 
-/// Median wall time of one inference over a few runs (after one warm-up).
-fn latency_ms(model: &Model, batch: &Batch) -> Result<f64> {
+/// Wall times (ms) of `runs` inferences of the first sample after one warm-up, sorted.
+fn timings_ms(model: &Model, batch: &Batch, runs: usize) -> Result<Vec<f64>> {
     let plan = kiln_io::exec::prepare(&model.typed, &batch.symbols)?;
     let mut state = plan.spawn()?;
     let input = batch.sample(0)?;
     state.run(input.clone())?;
-    let mut times = vec![];
-    for _ in 0..7 {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
         let t = Instant::now();
         state.run(input.clone())?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times)
+}
+
+/// Median wall time of one inference over a few runs: the report's latency.
+fn latency_ms(model: &Model, batch: &Batch) -> Result<f64> {
+    let times = timings_ms(model, batch, 7)?;
     Ok(times[times.len() / 2])
 }
 
-/// Best of `runs` timed inferences (ms), after one warm-up: the speed search compares models
-/// whose difference can be a few percent, where the minimum is steadier than the median.
-fn best_ms(model: &Model, batch: &Batch, runs: usize) -> Result<f64> {
-    let plan = kiln_io::exec::prepare(&model.typed, &batch.symbols)?;
-    let mut state = plan.spawn()?;
-    let input = batch.sample(0)?;
-    state.run(input.clone())?;
-    let mut best = f64::INFINITY;
-    for _ in 0..runs {
-        let t = Instant::now();
-        state.run(input.clone())?;
-        best = best.min(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(best)
+/// Best of `SPEED_RUNS` inferences: the speed search compares models whose difference can
+/// be a few percent, where the minimum is steadier than the median.
+fn best_ms(model: &Model, batch: &Batch) -> Result<f64> {
+    Ok(timings_ms(model, batch, SPEED_RUNS)?[0])
 }
 
 /// Timed runs per model in the speed search.
@@ -658,8 +654,8 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
             && !opts.int8_everywhere
             && selected.len() > 1,
     ) {
-        let reference = best_ms(&fp32, &e.batch, SPEED_RUNS)?;
-        let start = best_ms(&q_model, &e.batch, SPEED_RUNS)?;
+        let reference = best_ms(&fp32, &e.batch)?;
+        let start = best_ms(&q_model, &e.batch)?;
         if start > reference {
             let mut measure = |sel: &[Layer]| -> Result<f64> {
                 let (_, m) = build(sel)?;
@@ -668,7 +664,7 @@ pub fn optimize_from(path: &Path, start: Option<ModelProto>, opts: &Options) -> 
                         return Ok(f64::INFINITY); // never trade the budget for speed
                     }
                 }
-                best_ms(&m, &e.batch, SPEED_RUNS)
+                best_ms(&m, &e.batch)
             };
             let (sel, steps) = speed_search(&selected, reference, start, &mut measure)?;
             if !steps.is_empty() {
